@@ -1,0 +1,89 @@
+"""``markov-rsa eval``: progress over problems and the summary table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from markov_rsa import ConfigError, OpenAIBackend, RSAParams
+from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, summarise, write_outputs
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """Per-round accuracy and cost."""
+    table = Table(title=f"{summary['completed']}/{summary['problems']} problems · final accuracy {summary['final_acc']:.3f}")
+    for column in ("round", "mean@N", "majority", "pass@N", "tokens", "calls", "wall s"):
+        table.add_column(column, justify="right")
+    for row in summary["rounds"]:
+        table.add_row(
+            str(row["round"]),
+            f"{row['mean_acc']:.3f}",
+            f"{row['majority_acc']:.3f}",
+            f"{row['pass_at_n']:.3f}",
+            str(row["tokens"]),
+            str(row["calls"]),
+            f"{row['wall_s']:.2f}",
+        )
+    return table
+
+
+def run_eval(
+    dataset: Path,
+    params: RSAParams,
+    backend: OpenAIBackend,
+    *,
+    out: Path | None,
+    resume: bool,
+    limit: int | None,
+    quiet: bool,
+    check: Callable[[OpenAIBackend], Awaitable[None]],
+) -> dict[str, Any]:
+    """Load, run, report; returns the summary written to results.json."""
+    err = Console(stderr=True)
+    problems, bad = load_dataset(dataset, params.task)
+    for number, why in bad.lines:
+        err.print(f"warning: {dataset}:{number}: {why}; skipped", highlight=False)
+    if limit is not None:
+        problems = problems[: max(0, limit)]
+    if not problems:
+        raise ConfigError(f"{dataset} has no usable problems")
+    if resume and out is not None and not out.is_dir():
+        raise ConfigError(f"nothing to resume at {out}", param="resume")
+
+    bar = Progress(
+        TextColumn("problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(), console=err, transient=True, disable=quiet or not err.is_terminal,
+    )
+    task_id = bar.add_task("eval", total=len(problems), acc="")
+    right = [0]
+
+    def done(outcome: ProblemOutcome) -> None:
+        right[0] += outcome.final_correct
+        bar.update(task_id, advance=1, acc=f"correct {right[0]}")
+        if outcome.error:
+            err.print(f"warning: problem {outcome.problem.id}: {outcome.error}", highlight=False)
+
+    async def go() -> tuple[list[ProblemOutcome], float]:
+        async with backend:
+            await check(backend)
+            started = asyncio.get_running_loop().time()
+            outcomes = await evaluate(problems, backend, params, out_dir=out, resume=resume, on_problem_done=done)
+            return outcomes, asyncio.get_running_loop().time() - started
+
+    with bar if not bar.disable else contextlib.nullcontext():
+        outcomes, wall = asyncio.run(go())
+    summary = summarise(outcomes, params, wall)
+    summary["skipped_lines"] = [{"line": n, "reason": why} for n, why in bad.lines]
+    if out is not None:
+        write_outputs(out, outcomes, summary)
+    Console().print(summary_table(summary))
+    if out is not None:
+        err.print(f"wrote {out / 'results.json'} and {out / 'problems.csv'}")
+    return summary

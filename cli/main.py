@@ -1,0 +1,280 @@
+"""The ``markov-rsa`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from markov_rsa import (
+    ConfigError,
+    MarkovRSA,
+    MarkovRSAError,
+    OpenAIBackend,
+    RSAParams,
+    RSAResult,
+    params_from_env,
+    resolve_params,
+)
+from markov_rsa._runlog import LoggedRun, RunLog, read_run_log
+from markov_rsa.fake_backend import FakeBackendConfig
+from markov_rsa.fake_backend import serve as serve_fake_backend
+
+from ._options import model_options, with_signature
+from ._progress import ProgressDisplay
+
+app = typer.Typer(
+    name="markov-rsa",
+    help="Markovian RSA test-time compute: N parallel reasoning traces, bounded tails, recursive aggregation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RSA_PANEL = "Markovian RSA parameters"
+BACKEND_PANEL = "Backend"
+
+
+def _option(name: str, annotation: Any, default: Any, *decls: str, help: str, envvar: str | None = None) -> inspect.Parameter:
+    option = typer.Option(default, *decls, help=help, envvar=envvar, rich_help_panel=BACKEND_PANEL)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+# Shared by every command that talks to a backend; each becomes a keyword of make_backend().
+BACKEND_OPTIONS = [
+    _option("backend", Optional[str], None, "--backend", envvar="MARKOV_RSA_BACKEND",
+            help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1."),
+    _option("model", Optional[str], None, "--model", envvar="MARKOV_RSA_MODEL",
+            help="Model name (default: the server's first)."),
+    _option("api_key", Optional[str], None, "--api-key", envvar="MARKOV_RSA_API_KEY", help="Bearer key for the backend."),
+    _option("concurrency", int, 64, "--concurrency", help="Max requests in flight."),
+    _option("requests_per_second", Optional[float], None, "--rps", help="Max requests started per second."),
+    _option("timeout", float, 900.0, "--timeout", help="Seconds per request before it is retried."),
+    _option("max_retries", int, 4, "--max-retries", help="Retries per rollout on 429, 5xx and timeouts."),
+    _option("tokenizer", Optional[str], None, "--tokenizer",
+            help="Local tokenizer.json or model dir, for servers without /tokenize."),
+]
+BACKEND_NAMES = tuple(p.name for p in BACKEND_OPTIONS)
+PRESET_OPTION = inspect.Parameter(
+    "preset",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=typer.Option(None, "--preset", help="zaya1 | extra-high | rsa-paper | smoke | local.", rich_help_panel=RSA_PANEL),
+    annotation=Optional[str],
+)
+RUN_OPTIONS = [PRESET_OPTION, *model_options(RSAParams, RSA_PANEL), *BACKEND_OPTIONS]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error on stderr; return the exit to raise."""
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Any:
+    """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        raise fail(str(err), 2) from None
+    except MarkovRSAError as err:
+        raise fail(str(err), 1) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+
+
+def read_problem(problem: str | None) -> str:
+    """The problem from the argument, or stdin for ``-`` or no argument on a pipe."""
+    if problem is None or problem == "-":
+        if problem is None and sys.stdin.isatty():
+            raise ConfigError("no problem given: pass it as an argument, or '-' to read stdin")
+        problem = sys.stdin.read()
+    if not problem.strip():
+        raise ConfigError("the problem is empty")
+    return problem
+
+
+def split_flags(flags: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """``(preset, RSA parameter flags, backend flags)`` from a command's keyword arguments."""
+    backend = {name: flags.pop(name) for name in BACKEND_NAMES}
+    return flags.pop("preset", None), flags, backend
+
+
+def build_params(preset: str | None, flags: dict[str, Any]) -> RSAParams:
+    """Defaults < preset < MARKOV_RSA_* environment < command-line flags."""
+    with_env = resolve_params(preset, params_from_env(os.environ))
+    return resolve_params(None, flags, base=with_env)
+
+
+def make_backend(
+    backend: str | None,
+    model: str | None,
+    api_key: str | None,
+    concurrency: int,
+    requests_per_second: float | None,
+    timeout: float,
+    max_retries: int,
+    tokenizer: str | None,
+) -> OpenAIBackend:
+    """The backend the flags name."""
+    if backend is None:
+        raise ConfigError("no backend given: pass --backend URL (e.g. http://localhost:8000/v1)")
+    return OpenAIBackend(
+        backend,
+        model,
+        api_key,
+        concurrency=concurrency,
+        requests_per_second=requests_per_second,
+        timeout=timeout,
+        max_retries=max_retries,
+        tokenizer=tokenizer,
+    )
+
+
+async def check_backend(backend: OpenAIBackend) -> None:
+    """Fail fast, with one line, when the backend cannot be reached or refuses us."""
+    try:
+        await backend.resolve_model()
+    except MarkovRSAError as err:
+        raise ConfigError(f"cannot use backend {backend.base_url}: {err}") from None
+
+
+def fan_out(*handlers: Any) -> Any:
+    """One event handler that feeds several consumers of the same stream."""
+    active = [h for h in handlers if h is not None]
+
+    def handle(event: Any) -> None:
+        for handler in active:
+            handler(event)
+
+    return handle if active else None
+
+
+def load_resume(run_dir: str) -> LoggedRun:
+    """Read a run log to resume, telling the user about records that had to be skipped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logged = read_run_log(run_dir)
+    for line in logged.skipped_lines:
+        Console(stderr=True).print(f"warning: {run_dir}/run.jsonl line {line} is unreadable; skipped it")
+    return logged
+
+
+async def run_solve(
+    problem: Any,
+    params: RSAParams,
+    backend: OpenAIBackend,
+    show_progress: bool,
+    run_dir: str | None = None,
+    resume: LoggedRun | None = None,
+) -> RSAResult:
+    """Run one solve with a progress display, logging it when asked."""
+    async with backend:
+        await check_backend(backend)
+        log = RunLog(run_dir, resuming=resume is not None) if run_dir else None
+        display = ProgressDisplay(Console(stderr=True)) if show_progress else None
+        try:
+            with display if display is not None else contextlib.nullcontext():
+                return await MarkovRSA(backend, params).solve(
+                    problem,
+                    fan_out(display, log),
+                    existing=resume.records if resume else None,
+                    seed=resume.seed if resume else None,
+                )
+        finally:
+            if log is not None:
+                log.close()
+
+
+def solve(
+    problem: Optional[str] = typer.Argument(None, help="The problem to solve; '-' (or nothing, on a pipe) reads stdin."),
+    *,
+    run_dir: Optional[str] = typer.Option(
+        None, "--run-dir", help="Log the run as JSONL in this directory, every rollout as it finishes."
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue the run logged in this directory; only missing rollouts are generated."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, usage and rounds."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    **flags: Any,
+) -> None:
+    """Solve one problem with Markovian RSA and print the answer."""
+    preset, rsa_flags, backend_flags = split_flags(flags)
+    with user_errors():
+        logged = load_resume(resume) if resume else None
+        if logged is not None:
+            params, problem_or_messages, run_dir = logged.params, logged.messages, resume
+        else:
+            params = build_params(preset, rsa_flags)
+            problem_or_messages = read_problem(problem)
+        backend = make_backend(**backend_flags)
+        show = not quiet and not as_json and Console(stderr=True).is_terminal
+        result = asyncio.run(run_solve(problem_or_messages, params, backend, show, run_dir, logged))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write((result.answer if result.answer is not None else result.final_text.strip()) + "\n")
+
+
+app.command("solve", help=solve.__doc__)(with_signature(solve, RUN_OPTIONS))
+
+
+def evaluate(
+    dataset: Path = typer.Argument(..., help="JSONL file: one {id, problem, answer, task?} object per line."),
+    *,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write results.json, problems.csv and run logs here."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an evaluation written to this --out directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    **flags: Any,
+) -> None:
+    """Evaluate on a dataset: accuracy per round (mean@N, majority, pass@N), tokens, calls and time."""
+    from ._eval_view import run_eval
+
+    preset, rsa_flags, backend_flags = split_flags(flags)
+    with user_errors():
+        params = build_params(preset, rsa_flags)
+        run_eval(dataset, params, make_backend(**backend_flags), out=resume or out, resume=resume is not None,
+                 limit=limit, quiet=quiet, check=check_backend)
+
+
+app.command("eval", help=evaluate.__doc__)(with_signature(evaluate, RUN_OPTIONS))
+
+
+def fake_backend(
+    *,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8001, "--port", help="Port to listen on."),
+    **flags: Any,
+) -> None:
+    """Run the simulated OpenAI-compatible backend (rule-based answers, token rate, faults)."""
+    try:
+        config = FakeBackendConfig(**{k: v for k, v in flags.items() if v is not None})
+    except ValueError as err:
+        raise fail(str(err).splitlines()[0], 2) from None
+    Console(stderr=True).print(f"fake backend on http://{host}:{port}/v1 (model {config.model})")
+    serve_fake_backend(config, host=host, port=port)
+
+
+app.command("fake-backend", help=fake_backend.__doc__)(
+    with_signature(fake_backend, model_options(FakeBackendConfig, "Simulation"))
+)
+
+
+def main() -> None:
+    """Entry point of the ``markov-rsa`` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Markovian RSA test-time compute.
+
+Fan a problem out into N reasoning traces, keep each trace's last ``tail_tokens`` tokens, have the
+model aggregate random K-subsets of those tails into better traces, repeat for T rounds, pick the
+answer. See ``RSAParams`` for every parameter and ``MarkovRSA`` for the async API.
+"""
+
+from ._answers import VoteResult, answers_equivalent, extract_answer, normalize_answer, vote
+from ._backend import Backend, Outcome
+from ._controller import MarkovRSA, call_seed, draw_subsets, to_messages
+from ._errors import BackendError, ConfigError, MarkovRSAError, RunError
+from ._events import (
+    Event,
+    FinalAggregationStarted,
+    Progress,
+    RolloutFinished,
+    RoundFinished,
+    RoundStarted,
+    RunFinished,
+    RunStarted,
+)
+from ._http import OpenAIBackend
+from ._params import PARAM_NAMES, PRESETS, RSAParams, Selection, Task, params_from_env, resolve_params
+from ._prompts import aggregation_messages, load_template
+from ._result import RolloutRecord, RoundSummary, RSAResult
+from ._sync import solve
+from ._tails import TRUNCATION_MARKER, Tail, make_tail
+from ._tokenizers import SyncTokenizer, Tokenizer, local_tokenizer, tiktoken_tokenizer
+from ._types import GenerationRequest, Message, Trace, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PARAM_NAMES",
+    "PRESETS",
+    "TRUNCATION_MARKER",
+    "Backend",
+    "BackendError",
+    "ConfigError",
+    "Event",
+    "FinalAggregationStarted",
+    "GenerationRequest",
+    "MarkovRSA",
+    "MarkovRSAError",
+    "Message",
+    "OpenAIBackend",
+    "Outcome",
+    "Progress",
+    "RSAParams",
+    "RSAResult",
+    "RolloutFinished",
+    "RolloutRecord",
+    "RoundFinished",
+    "RoundStarted",
+    "RoundSummary",
+    "RunError",
+    "RunFinished",
+    "RunStarted",
+    "Selection",
+    "SyncTokenizer",
+    "Tail",
+    "Task",
+    "Tokenizer",
+    "Trace",
+    "Usage",
+    "VoteResult",
+    "aggregation_messages",
+    "answers_equivalent",
+    "call_seed",
+    "draw_subsets",
+    "extract_answer",
+    "load_template",
+    "local_tokenizer",
+    "make_tail",
+    "normalize_answer",
+    "params_from_env",
+    "resolve_params",
+    "solve",
+    "tiktoken_tokenizer",
+    "to_messages",
+    "vote",
+]

@@ -1,0 +1,411 @@
+"""The controller: rounds, subset sampling, tails, aggregation prompts and selection."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._answers import extract_answer, vote
+from ._backend import Backend
+from ._errors import BackendError, ConfigError, RunError
+from ._events import (
+    Event,
+    EventHandler,
+    FinalAggregationStarted,
+    Progress,
+    RolloutFinished,
+    RoundFinished,
+    RoundStarted,
+    RunFinished,
+    RunStarted,
+)
+from ._params import RSAParams, Selection
+from ._prompts import aggregation_messages, problem_text
+from ._result import RolloutRecord, RoundSummary, RSAResult
+from ._tails import make_tail
+from ._tokenizers import Tokenizer
+from ._types import GenerationRequest, Message, Trace, Usage
+
+Problem = str | Sequence[Message]
+
+
+def to_messages(problem: Problem) -> list[Message]:
+    """A conversation from a problem string or a message list; raises ConfigError when empty."""
+    if isinstance(problem, str):
+        if not problem.strip():
+            raise ConfigError("the problem is empty", param="messages")
+        return [{"role": "user", "content": problem}]
+    messages = [dict(m) for m in problem]
+    if not messages:
+        raise ConfigError("messages must not be empty", param="messages")
+    if not problem_text(messages).strip():
+        raise ConfigError("the last user message is empty", param="messages")
+    return messages
+
+
+def call_seed(seed: int, round_index: int, slot: int) -> int:
+    """The sampling seed of one call: distinct per (round, slot), reproducible from the run seed."""
+    return (seed * 1_000_003 + round_index * 65_537 + slot) % (2**31 - 1)
+
+
+def draw_subsets(seed: int, round_index: int, survivors: Sequence[int], n: int, k: int) -> list[list[int]]:
+    """For each of the ``n`` slots of ``round_index``, ``k`` distinct slots drawn from ``survivors``.
+
+    The RNG is derived from (seed, round) alone, so a resumed run redraws exactly the same subsets.
+    """
+    rng = random.Random(f"markov-rsa:{seed}:{round_index}")
+    size = min(k, len(survivors))
+    return [sorted(rng.sample(list(survivors), size)) for _ in range(n)]
+
+
+class MarkovRSA:
+    """Runs Markovian RSA on a backend.
+
+    ``await MarkovRSA(backend, params).solve("problem")`` returns an :class:`RSAResult`. Events go
+    to ``on_event`` (a plain or async callable), or iterate them with :meth:`stream`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        params: RSAParams | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        prompt_dir: str | Path | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        request_extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.params = params or RSAParams()
+        self.tokenizer = tokenizer
+        self.prompt_dir = prompt_dir
+        self.chat_template_kwargs = chat_template_kwargs
+        self.request_extra = dict(request_extra or {})
+
+    async def solve(
+        self,
+        problem: Problem,
+        on_event: EventHandler | None = None,
+        *,
+        existing: Mapping[tuple[int, int], RolloutRecord] | None = None,
+        seed: int | None = None,
+    ) -> RSAResult:
+        """Run the whole loop and select the answer.
+
+        ``existing`` holds rollouts already done (a resumed run): they are not generated again.
+        ``seed`` overrides ``params.seed`` (used when resuming a run whose seed was drawn).
+        """
+        run = _Run(self, to_messages(problem), on_event, existing or {}, seed)
+        return await run.execute()
+
+    async def stream(self, problem: Problem, **kwargs: Any) -> AsyncIterator[Event]:
+        """The run's events as an async iterator; the last one is :class:`RunFinished`.
+
+        Closing the iterator early cancels the run.
+        """
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        task = asyncio.create_task(self.solve(problem, queue.put_nowait, **kwargs))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or queue.put_nowait(t.exception()))  # type: ignore[arg-type]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, RunFinished):
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+class _Run:
+    """State of one run; never shared between runs."""
+
+    def __init__(
+        self,
+        owner: MarkovRSA,
+        messages: list[Message],
+        on_event: EventHandler | None,
+        existing: Mapping[tuple[int, int], RolloutRecord],
+        seed: int | None,
+    ) -> None:
+        self.owner = owner
+        self.params = owner.params
+        self.messages = messages
+        self.on_event = on_event
+        self.existing = existing
+        self.seed = seed if seed is not None else self.params.seed
+        if self.seed is None:
+            self.seed = secrets.randbelow(2**31)
+        self.progress = Progress(rounds=self.params.t)
+        self.started = time.perf_counter()
+        self.usage = Usage()
+        self.retries = 0
+        self.failed = 0
+        self.calls = 0
+        self.tokenizer: Tokenizer | None = owner.tokenizer
+        self.notes: list[str] = []
+
+    async def emit(self, event: Event) -> None:
+        if self.on_event is None:
+            return
+        self.progress.elapsed_s = time.perf_counter() - self.started
+        event.progress = Progress(**self.progress.to_dict())
+        outcome = self.on_event(event)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+    def request(self, messages: list[Message], seed: int, max_tokens: int | None = None) -> GenerationRequest:
+        p = self.params
+        return GenerationRequest(
+            messages=messages,
+            max_tokens=max_tokens or p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=seed,
+            chat_template_kwargs=self.owner.chat_template_kwargs,
+            extra=self.owner.request_extra,
+        )
+
+    def account(self, trace: Trace) -> None:
+        self.usage.add(trace.usage)
+        self.retries += trace.attempts - 1
+        self.calls += 1
+        self.progress.prompt_tokens = self.usage.prompt_tokens
+        self.progress.completion_tokens = self.usage.completion_tokens
+        self.progress.retries = self.retries
+        self.progress.calls = self.calls
+
+    async def attach_tail(self, record: RolloutRecord) -> None:
+        assert record.trace is not None and self.tokenizer is not None
+        if record.tail is not None:
+            return
+        tail = await make_tail(record.trace, self.params.tail_tokens, self.tokenizer, self.params.align_newline)
+        record.tail, record.tail_tokens = tail.text, tail.tokens
+
+    async def execute(self) -> RSAResult:
+        p = self.params
+        if self.tokenizer is None and (p.t > 1 or p.selection in (Selection.final_agg, Selection.auto)):
+            self.tokenizer = await self.owner.backend.get_tokenizer()
+        await self.emit(
+            RunStarted(
+                {
+                    "params": p.model_dump(mode="json"),
+                    "seed": self.seed,
+                    "tokenizer": self.tokenizer.name if self.tokenizer else None,
+                    "backend": self.owner.backend.name,
+                    "messages": self.messages,
+                }
+            )
+        )
+        population: list[RolloutRecord] = []
+        summaries: list[RoundSummary] = []
+        for round_index in range(p.t):
+            self.progress.round = round_index
+            population = await self.run_round(round_index, population)
+            summaries.append(self.summarise(round_index, population))
+            await self.emit(RoundFinished(summaries[-1]))
+        return await self.select(population, summaries)
+
+    def round_requests(self, round_index: int, previous: list[RolloutRecord]) -> list[RolloutRecord]:
+        """Empty records of the round's slots, with parents and tails shown; requests are built later."""
+        p = self.params
+        if round_index == 0:
+            return [RolloutRecord(0, slot, None, call_seed(self.seed, 0, slot)) for slot in range(p.n)]
+        survivors = [r.slot for r in previous if r.ok]
+        tails = {r.slot: r.tail or "" for r in previous if r.ok}
+        return [
+            RolloutRecord(
+                round_index,
+                slot,
+                parents,
+                call_seed(self.seed, round_index, slot),
+                shown_tails=[tails[s] for s in parents],
+            )
+            for slot, parents in enumerate(draw_subsets(self.seed, round_index, survivors, p.n, p.k))
+        ]
+
+    def request_for(self, record: RolloutRecord) -> GenerationRequest:
+        assert record.seed is not None
+        if record.shown_tails is None:
+            return self.request(self.messages, record.seed)
+        messages = aggregation_messages(
+            self.messages, record.shown_tails, self.params.task, prompt_dir=self.owner.prompt_dir
+        )
+        return self.request(messages, record.seed)
+
+    async def run_round(self, round_index: int, previous: list[RolloutRecord]) -> list[RolloutRecord]:
+        p = self.params
+        round_started = time.perf_counter()
+        planned = self.round_requests(round_index, previous)
+        records: dict[int, RolloutRecord] = {}
+        to_run: list[RolloutRecord] = []
+        for record in planned:
+            done = self.existing.get((round_index, record.slot))
+            if done is not None and done.ok:
+                records[record.slot] = done
+                assert done.trace is not None
+                self.account(done.trace)
+            else:
+                to_run.append(record)
+        self.progress.done = len(records)
+        self.progress.failed = 0
+        self.progress.in_flight = len(to_run)
+        await self.emit(RoundStarted(round_index, len(to_run)))
+        need_tails = round_index + 1 < p.t or p.selection in (Selection.final_agg, Selection.auto)
+        failures: list[tuple[int, BackendError]] = []
+        tail_tasks = [asyncio.create_task(self.attach_tail(r)) for r in records.values()] if need_tails else []
+        async for index, outcome in self.owner.backend.generate([self.request_for(r) for r in to_run]):
+            record = to_run[index]
+            self.progress.in_flight -= 1
+            if isinstance(outcome, BackendError):
+                record.error = str(outcome)
+                failures.append((record.slot, outcome))
+                self.failed += 1
+                self.progress.failed += 1
+                self.retries += outcome.attempts - 1
+                self.calls += 1
+                self.progress.calls = self.calls
+            else:
+                record.trace = outcome
+                record.answer = extract_answer(outcome.content or outcome.text, p.task.value)
+                self.account(outcome)
+                self.progress.done += 1
+                if need_tails:
+                    # Tails are cut while the rest of the round is still generating, off the critical path.
+                    tail_tasks.append(asyncio.create_task(self.attach_tail(record)))
+            records[record.slot] = record
+            await self.emit(RolloutFinished(record))
+        if tail_tasks:
+            await asyncio.gather(*tail_tasks)
+        self.check_survivors(round_index, records, failures)
+        self.round_wall = time.perf_counter() - round_started
+        return [records[slot] for slot in sorted(records)]
+
+    def check_survivors(
+        self, round_index: int, records: dict[int, RolloutRecord], failures: list[tuple[int, BackendError]]
+    ) -> None:
+        if not failures:
+            return
+        survivors = sum(1 for r in records.values() if r.ok)
+        needed = max(1, int(self.params.min_survivors * len(records) + 0.999999))
+        if survivors >= needed:
+            return
+        reasons = Counter(_short_reason(err) for _, err in failures)
+        summary = "; ".join(f"{count}x {reason}" for reason, count in reasons.most_common(3))
+        slots = ", ".join(str(slot) for slot, _ in sorted(failures)[:16])
+        raise RunError(
+            f"round {round_index}: {len(failures)} of {len(records)} rollouts failed "
+            f"(slots {slots}); {survivors} survived, {needed} needed: {summary}",
+            failures=[err for _, err in failures],
+        )
+
+    def summarise(self, round_index: int, population: list[RolloutRecord]) -> RoundSummary:
+        usage = Usage()
+        retries = 0
+        for record in population:
+            if record.trace is not None:
+                usage.add(record.trace.usage)
+                retries += record.trace.attempts - 1
+        answers = [r.answer for r in population]
+        return RoundSummary(
+            round=round_index,
+            answers=answers,
+            finish_reasons=[r.trace.finish_reason if r.trace else None for r in population],
+            usage=usage,
+            calls=len(population),
+            failed=sum(1 for r in population if not r.ok),
+            retries=retries,
+            wall_s=self.round_wall,
+            votes=vote(answers, self.params.task.value).tally,
+        )
+
+    async def select(self, population: list[RolloutRecord], summaries: list[RoundSummary]) -> RSAResult:
+        p = self.params
+        alive = [r for r in population if r.ok]
+        tally = vote([r.answer for r in alive], p.task.value)
+        method = p.selection
+        if method == Selection.auto:
+            method = Selection.majority if tally.extracted >= 2 else Selection.final_agg
+        chosen: RolloutRecord | None = None
+        answer: str | None = None
+        final_trace: Trace | None = None
+        if method == Selection.final_agg:
+            try:
+                final_trace = await self.final_aggregation(alive)
+                answer = extract_answer(final_trace.content or final_trace.text, p.task.value)
+            except BackendError as err:
+                self.notes.append(f"final aggregation failed ({_short_reason(err)}); fell back to majority")
+                method = Selection.majority
+        if method == Selection.majority:
+            if tally.winner is not None:
+                members = [alive[i] for i in tally.clusters[0]]
+                chosen = next((r for r in members if r.trace and r.trace.finished), members[0])
+                answer = tally.winner
+            else:
+                self.notes.append("no answer could be extracted for a majority vote; returned the first trace")
+                method = Selection.sample
+        if method == Selection.sample:
+            chosen = alive[0]
+            answer = chosen.answer
+        if final_trace is None:
+            assert chosen is not None and chosen.trace is not None
+            final_trace = chosen.trace
+        elapsed = time.perf_counter() - self.started
+        result = RSAResult(
+            answer=answer,
+            final_text=final_trace.content or final_trace.text,
+            final_reasoning=final_trace.reasoning,
+            selection=method.value,
+            votes=tally.tally,
+            rounds=summaries,
+            usage=self.usage,
+            calls=self.calls,
+            retries=self.retries,
+            failed=self.failed,
+            tokenizer=self.tokenizer.name if self.tokenizer else "none (no tails needed)",
+            seed=int(self.seed),  # type: ignore[arg-type]
+            params=p,
+            population=population,
+            finish_reason=final_trace.finish_reason,
+            timings={"total_s": elapsed, **{f"round_{s.round}_s": s.wall_s for s in summaries}},
+            notes=self.notes,
+        )
+        await self.emit(RunFinished(result))
+        return result
+
+    async def final_aggregation(self, alive: list[RolloutRecord]) -> Trace:
+        p = self.params
+        round_index = p.t
+        parents = draw_subsets(self.seed, round_index, list(range(len(alive))), 1, p.k)[0]
+        messages = aggregation_messages(
+            self.messages, [alive[i].tail or "" for i in parents], p.task, final=True, prompt_dir=self.owner.prompt_dir
+        )
+        request = self.request(messages, call_seed(self.seed, round_index, 0), p.final_max_tokens)
+        self.progress.in_flight = 1
+        await self.emit(FinalAggregationStarted())
+        async for _, outcome in self.owner.backend.generate([request]):
+            self.progress.in_flight = 0
+            if isinstance(outcome, BackendError):
+                self.failed += 1
+                self.retries += outcome.attempts - 1
+                self.calls += 1
+                raise outcome
+            self.account(outcome)
+            return outcome
+        raise BackendError("the backend returned no result for the final aggregation")
+
+
+def _short_reason(err: BackendError) -> str:
+    text = str(err)
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -1,0 +1,219 @@
+"""Evaluation over a dataset: accuracy per round (mean@N, majority, pass@N), tokens, calls, time."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._answers import answers_equivalent
+from ._backend import Backend
+from ._controller import MarkovRSA
+from ._errors import ConfigError, MarkovRSAError
+from ._params import RSAParams, Task
+from ._result import RSAResult
+from ._runlog import LOG_NAME, RunLog, read_run_log
+
+
+@dataclass
+class Problem:
+    """One dataset item."""
+
+    id: str
+    problem: str
+    answer: str
+    task: Task
+    line: int
+
+
+@dataclass
+class DatasetErrors:
+    """Lines of a dataset that could not be used, with why."""
+
+    lines: list[tuple[int, str]] = field(default_factory=list)
+
+
+def load_dataset(path: str | Path, default_task: Task = Task.math) -> tuple[list[Problem], DatasetErrors]:
+    """Read a JSONL dataset (``id``, ``problem``, ``answer``, optional ``task``). Bad lines are
+    reported with their line numbers and skipped; the rest is returned."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset not found: {path}", param="dataset")
+    problems: list[Problem] = []
+    errors = DatasetErrors()
+    seen: set[str] = set()
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as err:
+                errors.lines.append((number, f"not JSON ({err.msg})"))
+                continue
+            if not isinstance(item, dict):
+                errors.lines.append((number, "not a JSON object"))
+                continue
+            missing = [key for key in ("problem", "answer") if not str(item.get(key, "")).strip()]
+            if missing:
+                errors.lines.append((number, f"missing {' and '.join(repr(m) for m in missing)}"))
+                continue
+            try:
+                task = Task(item.get("task") or default_task.value)
+            except ValueError:
+                errors.lines.append((number, f"unknown task {item.get('task')!r}"))
+                continue
+            pid = str(item.get("id") or f"line{number}")
+            if pid in seen:
+                errors.lines.append((number, f"duplicate id {pid!r}"))
+                continue
+            seen.add(pid)
+            problems.append(Problem(pid, str(item["problem"]), str(item["answer"]), task, number))
+    return problems, errors
+
+
+@dataclass
+class ProblemOutcome:
+    """The result of one problem, with correctness per round."""
+
+    problem: Problem
+    result: RSAResult | None = None
+    error: str | None = None
+    correct_by_round: list[list[bool]] = field(default_factory=list)
+    """Per round, per slot: whether its answer is right (a failed rollout or no answer is wrong)."""
+    majority_by_round: list[bool] = field(default_factory=list)
+    final_correct: bool = False
+
+
+def is_correct(predicted: str | None, gold: str, task: Task) -> bool:
+    """Math answers by symbolic equivalence; other tasks by exact (normalised) match."""
+    return predicted is not None and answers_equivalent(predicted, gold, task.value)
+
+
+def score(problem: Problem, result: RSAResult) -> ProblemOutcome:
+    """Correctness of every round's population and vote, and of the selected answer."""
+    outcome = ProblemOutcome(problem, result)
+    for summary in result.rounds:
+        outcome.correct_by_round.append(
+            [is_correct(answer, problem.answer, problem.task) for answer in summary.answers]
+        )
+        winner = summary.votes[0][0] if summary.votes else None
+        outcome.majority_by_round.append(is_correct(winner, problem.answer, problem.task))
+    outcome.final_correct = is_correct(result.answer, problem.answer, problem.task)
+    return outcome
+
+
+def _safe_name(pid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", pid)[:100] or "problem"
+
+
+async def evaluate(
+    problems: list[Problem],
+    backend: Backend,
+    params: RSAParams,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    max_problems_in_flight: int | None = None,
+    on_problem_done: Callable[[ProblemOutcome], None] | None = None,
+) -> list[ProblemOutcome]:
+    """Run every problem on one backend, so they share its concurrency budget.
+
+    With ``out_dir`` each problem's run is logged under ``out_dir/runs/ID``; with ``resume`` the
+    finished ones are read back and the unfinished ones resumed from their logs.
+    """
+    limit = max_problems_in_flight or max(2, 256 // max(1, params.n))
+    gate = asyncio.Semaphore(limit)
+    runs_dir = Path(out_dir) / "runs" if out_dir is not None else None
+
+    async def one(problem: Problem) -> ProblemOutcome:
+        async with gate:
+            run_params = params.model_copy(update={"task": problem.task})
+            try:
+                result = await _solve_logged(problem, backend, run_params, runs_dir, resume)
+                outcome = score(problem, result)
+            except MarkovRSAError as err:
+                outcome = ProblemOutcome(problem, error=str(err))
+        if on_problem_done is not None:
+            on_problem_done(outcome)
+        return outcome
+
+    return list(await asyncio.gather(*(one(p) for p in problems)))
+
+
+async def _solve_logged(
+    problem: Problem, backend: Backend, params: RSAParams, runs_dir: Path | None, resume: bool
+) -> RSAResult:
+    if runs_dir is None:
+        return await MarkovRSA(backend, params).solve(problem.problem)
+    run_dir = runs_dir / _safe_name(problem.id)
+    if resume and (run_dir / LOG_NAME).is_file():
+        logged = read_run_log(run_dir)
+        with RunLog(run_dir, resuming=True) as log:
+            return await MarkovRSA(backend, logged.params).solve(
+                logged.messages, log, existing=logged.records, seed=logged.seed
+            )
+    with RunLog(run_dir) as log:
+        return await MarkovRSA(backend, params).solve(problem.problem, log)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarise(outcomes: list[ProblemOutcome], params: RSAParams, wall_s: float) -> dict[str, Any]:
+    """``results.json``: per-round accuracy and cost, and the selected answers' accuracy."""
+    done = [o for o in outcomes if o.result is not None]
+    rounds = []
+    for r in range(params.t):
+        with_round = [o for o in done if len(o.correct_by_round) > r]
+        rounds.append(
+            {
+                "round": r,
+                "mean_acc": _mean([_mean([float(c) for c in o.correct_by_round[r]]) for o in with_round]),
+                "majority_acc": _mean([float(o.majority_by_round[r]) for o in with_round]),
+                "pass_at_n": _mean([float(any(o.correct_by_round[r])) for o in with_round]),
+                "tokens": sum(o.result.rounds[r].usage.total_tokens for o in with_round if o.result),
+                "calls": sum(o.result.rounds[r].calls for o in with_round if o.result),
+                "wall_s": round(_mean([o.result.rounds[r].wall_s for o in with_round if o.result]), 4),
+            }
+        )
+    return {
+        "problems": len(outcomes),
+        "completed": len(done),
+        "errors": len(outcomes) - len(done),
+        "final_acc": _mean([float(o.final_correct) for o in done]),
+        "tokens": sum(o.result.usage.total_tokens for o in done if o.result),
+        "calls": sum(o.result.calls for o in done if o.result),
+        "wall_s": round(wall_s, 3),
+        "params": params.model_dump(mode="json"),
+        "rounds": rounds,
+    }
+
+
+def write_outputs(out_dir: str | Path, outcomes: list[ProblemOutcome], summary: dict[str, Any]) -> None:
+    """Write ``results.json`` and ``problems.csv`` (one row per problem)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with (out / "problems.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        rounds = summary["params"]["t"]
+        writer.writerow(
+            ["id", "gold", "predicted", "correct", *[f"round{r}_mean_acc" for r in range(rounds)],
+             *[f"round{r}_majority" for r in range(rounds)], "tokens", "calls", "error"]
+        )
+        for o in outcomes:
+            means = [f"{_mean([float(c) for c in cs]):.4f}" for cs in o.correct_by_round]
+            majors = [str(int(m)) for m in o.majority_by_round]
+            pad = rounds - len(means)
+            writer.writerow(
+                [o.problem.id, o.problem.answer, o.result.answer if o.result else "", int(o.final_correct),
+                 *means, *[""] * pad, *majors, *[""] * pad,
+                 o.result.usage.total_tokens if o.result else 0, o.result.calls if o.result else 0, o.error or ""]
+            )

@@ -1,0 +1,135 @@
+"""What a run produces: per-rollout records, per-round summaries and the final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._params import RSAParams
+from ._types import Trace, Usage
+
+
+@dataclass
+class RolloutRecord:
+    """One rollout of a run: where it sits, what it was shown, what it produced."""
+
+    round: int
+    slot: int
+    parents: list[int] | None
+    """Slots of the previous round whose tails this aggregation saw (None in round 0)."""
+    seed: int | None
+    trace: Trace | None = None
+    error: str | None = None
+    answer: str | None = None
+    tail: str | None = None
+    """The tail of this trace carried to the next round, once computed."""
+    tail_tokens: int | None = None
+    shown_tails: list[str] | None = None
+    """The parents' tails this aggregation was shown, in candidate order (None in round 0)."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the rollout produced a trace."""
+        return self.trace is not None
+
+    def to_dict(self, include_text: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data: dict[str, Any] = {
+            "round": self.round,
+            "slot": self.slot,
+            "parents": self.parents,
+            "seed": self.seed,
+            "answer": self.answer,
+            "error": self.error,
+        }
+        if self.trace is not None:
+            data.update(
+                finish_reason=self.trace.finish_reason,
+                usage=self.trace.usage.to_dict(),
+                attempts=self.trace.attempts,
+                latency_s=round(self.trace.latency_s, 4),
+            )
+            if include_text:
+                data.update(content=self.trace.content, reasoning=self.trace.reasoning)
+        return data
+
+
+@dataclass
+class RoundSummary:
+    """Totals of one round."""
+
+    round: int
+    answers: list[str | None]
+    finish_reasons: list[str | None]
+    usage: Usage
+    calls: int
+    failed: int
+    retries: int
+    wall_s: float
+    votes: list[tuple[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "round": self.round,
+            "answers": self.answers,
+            "finish_reasons": self.finish_reasons,
+            "usage": self.usage.to_dict(),
+            "tokens": self.usage.total_tokens,
+            "calls": self.calls,
+            "failed": self.failed,
+            "retries": self.retries,
+            "wall_s": round(self.wall_s, 4),
+            "votes": [list(v) for v in self.votes],
+        }
+
+
+@dataclass
+class RSAResult:
+    """The outcome of a Markovian RSA run."""
+
+    answer: str | None
+    """The extracted answer (``\\boxed{}`` content for math), or None when none could be extracted."""
+    final_text: str
+    """The answer text of the chosen trace (or of the final aggregation)."""
+    final_reasoning: str
+    selection: str
+    """The selection method that produced the answer (``auto`` resolved to what it chose)."""
+    votes: list[tuple[str, int]]
+    rounds: list[RoundSummary]
+    usage: Usage
+    calls: int
+    retries: int
+    failed: int
+    tokenizer: str
+    seed: int
+    params: RSAParams
+    population: list[RolloutRecord]
+    """The final round's rollouts."""
+    finish_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Things a user should know: a final aggregation that failed and fell back, dropped fields."""
+
+    def to_dict(self, include_population: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict (the CLI's ``--json`` output)."""
+        data: dict[str, Any] = {
+            "answer": self.answer,
+            "final_text": self.final_text,
+            "selection": self.selection,
+            "votes": [list(v) for v in self.votes],
+            "usage": self.usage.to_dict(),
+            "calls": self.calls,
+            "retries": self.retries,
+            "failed": self.failed,
+            "tokenizer": self.tokenizer,
+            "seed": self.seed,
+            "params": self.params.model_dump(mode="json"),
+            "rounds": [r.to_dict() for r in self.rounds],
+            "finish_reason": self.finish_reason,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": self.notes,
+        }
+        if include_population:
+            data["population"] = [r.to_dict() for r in self.population]
+        return data

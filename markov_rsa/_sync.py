@@ -1,0 +1,60 @@
+"""The synchronous face of the Python API."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from ._controller import MarkovRSA, Problem
+from ._events import EventHandler
+from ._http import OpenAIBackend
+from ._params import RSAParams, resolve_params
+from ._result import RSAResult
+
+
+def solve(
+    problem: Problem,
+    *,
+    backend: str | Any,
+    model: str | None = None,
+    api_key: str | None = None,
+    params: RSAParams | None = None,
+    preset: str | None = None,
+    on_event: EventHandler | None = None,
+    concurrency: int = 64,
+    **overrides: Any,
+) -> RSAResult:
+    """Solve one problem and block until done.
+
+    ``backend`` is an OpenAI base URL (``http://localhost:8000/v1``) or a :class:`Backend` object.
+    Parameter overrides go as keywords (``n=8, t=3``) on top of ``preset`` and ``params``.
+    Works from plain scripts and from inside a running event loop (a notebook): there the run
+    goes to a worker thread.
+    """
+    resolved = resolve_params(preset, overrides, base=params)
+
+    async def run() -> RSAResult:
+        if isinstance(backend, str):
+            async with OpenAIBackend(backend, model, api_key, concurrency=concurrency) as http:
+                return await MarkovRSA(http, resolved).solve(problem, on_event)
+        return await MarkovRSA(backend, resolved).solve(problem, on_event)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            box["result"] = asyncio.run(run())
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=worker, name="markov-rsa-solve")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]

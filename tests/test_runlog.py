@@ -1,0 +1,107 @@
+"""Durable runs: the JSONL run log, SIGKILL mid-run, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from test_cli import CLI, cli
+
+PROBLEM = "What is 23 * 4 - 7?"
+ARGS = ["--n", "4", "--k", "2", "--t", "3", "--tail-tokens", "30", "--max-tokens", "400", "--seed", "5", "--json", "-q"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "run.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if data.get("type") == kind:
+            out.append(data)
+    return out
+
+
+def final_population(run_dir: Path, rounds: int) -> dict[int, tuple[str, str | None]]:
+    return {
+        r["slot"]: (r["content"], r["answer"]) for r in records(run_dir, "rollout") if r["round"] == rounds - 1
+    }
+
+
+def test_log_has_config_every_rollout_and_result(fake_backend: Any, tmp_path: Path) -> None:
+    server = fake_backend(length_mean=50)
+    proc = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    config = records(tmp_path, "config")
+    assert len(config) == 1 and config[0]["params"]["n"] == 4 and config[0]["seed"] == 5
+    rollouts = records(tmp_path, "rollout")
+    assert sorted((r["round"], r["slot"]) for r in rollouts) == [(r, s) for r in range(3) for s in range(4)]
+    for r in rollouts:
+        assert r["content"] and r["usage"]["completion_tokens"] > 0 and r["finish_reason"] == "stop"
+        if r["round"] == 0:
+            assert r["parents"] is None and r["shown_tails"] is None
+        else:
+            assert len(r["parents"]) == 2 and len(r["shown_tails"]) == 2
+    assert [e["round"] for e in records(tmp_path, "round_end")] == [0, 1, 2]
+    assert records(tmp_path, "result")[0]["answer"] == json.loads(proc.stdout)["answer"]
+    again = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(tmp_path))
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_sigkill_after_round_zero_then_resume(fake_backend: Any, tmp_path: Path) -> None:
+    server = fake_backend(length_mean=60, length_sigma=0.05, tokens_per_second=120)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(
+        [CLI, "solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while not records(killed, "round_end") and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [e["round"] for e in records(killed, "round_end")] == [0]
+    round0_before = [r for r in records(killed, "rollout") if r["round"] == 0]
+    assert len(round0_before) == 4
+
+    server.reset_stats()
+    resumed = cli("solve", "--resume", str(killed), "--backend", server.base_url, "--json", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    # Round 0 was not generated again: every request of the resumed run is an aggregation.
+    assert server.stats.requests_log
+    assert all("=== Candidate 1 ===" in b["messages"][-1]["content"] for b in server.stats.requests_log)
+    assert len(server.stats.requests_log) <= 8
+    assert [r for r in records(killed, "rollout") if r["round"] == 0] == round0_before
+
+    uninterrupted = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(clean))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert final_population(killed, 3) == final_population(clean, 3)
+    assert len(final_population(clean, 3)) == 4
+    assert json.loads(resumed.stdout)["answer"] == json.loads(uninterrupted.stdout)["answer"]
+
+
+def test_truncated_last_line_is_skipped_with_a_warning(fake_backend: Any, tmp_path: Path) -> None:
+    server = fake_backend(length_mean=40)
+    first = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    log = tmp_path / "run.jsonl"
+    lines = log.read_text().splitlines()
+    # Keep round 0 and half of the next rollout record, as a crash mid-write would leave it.
+    cut = next(i for i, line in enumerate(lines) if '"round_end"' in line)
+    log.write_text("\n".join(lines[: cut + 1]) + "\n" + lines[cut + 1][: len(lines[cut + 1]) // 2])
+    server.reset_stats()
+    resumed = cli("solve", "--resume", str(tmp_path), "--backend", server.base_url, "--json", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"line {cut + 2}" in resumed.stderr and "warning" in resumed.stderr
+    assert len(server.stats.requests_log) == 8  # rounds 1 and 2 again, round 0 kept
+    assert json.loads(resumed.stdout)["answer"] == json.loads(first.stdout)["answer"]
