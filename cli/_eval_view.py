@@ -46,7 +46,7 @@ def run_eval(
     check: Callable[[OpenAIBackend], Awaitable[None]],
 ) -> dict[str, Any]:
     """Load, run, report; returns the summary written to results.json."""
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     problems, bad = load_dataset(dataset, params.task)
     for number, why in bad.lines:
         err.print(f"warning: {dataset}:{number}: {why}; skipped", highlight=False)

@@ -165,7 +165,7 @@ def load_resume(run_dir: str) -> LoggedRun:
         warnings.simplefilter("ignore")
         logged = read_run_log(run_dir)
     for line in logged.skipped_lines:
-        Console(stderr=True).print(f"warning: {run_dir}/run.jsonl line {line} is unreadable; skipped it")
+        Console(stderr=True, soft_wrap=True).print(f"warning: {run_dir}/run.jsonl line {line} is unreadable; skipped it")
     return logged
 
 

@@ -22,7 +22,7 @@ class Tail:
     text: str
     """What the candidate block shows, marker included when cut."""
     tokens: int
-    """Tokens of the kept trace text (without the marker), in the tokenizer used."""
+    """Tokens of the kept trace text (without the marker) in the tokenizer used; at most ``tail_tokens``."""
     truncated: bool
 
 
@@ -55,5 +55,6 @@ async def make_tail(trace: Trace, tail_tokens: int, tokenizer: Tokenizer, align_
     kept = _strip_think(await tokenizer.decode(ids[-tail_tokens:]))
     if align_newline:
         kept = _align(kept)
-    count = min(tail_tokens, len(await tokenizer.encode(kept))) if tokenizer.exact else tail_tokens
-    return Tail(f"{TRUNCATION_MARKER}\n{kept}", count, True)
+    # The count is an upper bound once the cut moved to a line break; re-tokenizing to know it
+    # exactly would cost a server round trip per trace.
+    return Tail(f"{TRUNCATION_MARKER}\n{kept}", tail_tokens, True)

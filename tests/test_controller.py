@@ -69,8 +69,9 @@ async def test_conformance(fake_backend: Any, reasoning_field: str) -> None:
             for tail in shown:
                 body = tail.removeprefix(TRUNCATION_MARKER + "\n")
                 assert len(ENC.encode(body)) <= params.tail_tokens
-    # Traces are longer than the tail, so every tail was cut and marked.
-    assert all(r.tail and r.tail.startswith(TRUNCATION_MARKER) for r in records.values())
+    # Traces are longer than the tail, so every tail carried forward was cut and marked.
+    carried = [r for (rnd, _), r in records.items() if rnd < params.t - 1]
+    assert all(r.tail and r.tail.startswith(TRUNCATION_MARKER) for r in carried)
     assert result.usage.to_dict() == server.stats.usage
     assert result.tokenizer.startswith("remote:")
     assert [r.round for r in result.rounds] == list(range(params.t))
@@ -124,9 +125,9 @@ async def test_rejected_extra_fields_are_dropped_once(fake_backend: Any) -> None
         result = await MarkovRSA(backend, params).solve(PROBLEM)
         assert backend.dropped_fields == {"return_token_ids", "top_k"}
     log = server.stats.requests_log
-    # Each field is rejected at most a few times (calls racing before the first rejection), not on every call.
+    # Only calls already racing before the first rejection can be rejected (once per field), never a later one.
     rejected = [b for b in log if "return_token_ids" in b or "top_k" in b]
-    assert len(rejected) <= params.n
+    assert len(rejected) <= params.n * 2
     assert all("return_token_ids" not in b and "top_k" not in b for b in log[-params.n :])
     assert result.answer is not None
 
