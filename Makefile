@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	bash scripts/demo.sh "$(PROBLEM)"
+	$(VENV)/bin/markov-rsa solve "$(PROBLEM)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/orchestration.py
+	$(PY) bench/proxy.py
+	$(PY) bench/engine.py
