@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from markov_rsa import ConfigError, OpenAIBackend, RSAParams
+from markov_rsa import Backend, ConfigError, RSAParams
 from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, summarise, write_outputs
 
 
@@ -37,13 +37,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
 def run_eval(
     dataset: Path,
     params: RSAParams,
-    backend: OpenAIBackend,
+    backend: Backend,
     *,
     out: Path | None,
     resume: bool,
     limit: int | None,
     quiet: bool,
-    check: Callable[[OpenAIBackend], Awaitable[None]],
+    check: Callable[[Backend], Awaitable[None]],
 ) -> dict[str, Any]:
     """Load, run, report; returns the summary written to results.json."""
     err = Console(stderr=True, soft_wrap=True)
@@ -71,11 +71,13 @@ def run_eval(
             err.print(f"warning: problem {outcome.problem.id}: {outcome.error}", highlight=False)
 
     async def go() -> tuple[list[ProblemOutcome], float]:
-        async with backend:
+        try:
             await check(backend)
             started = asyncio.get_running_loop().time()
             outcomes = await evaluate(problems, backend, params, out_dir=out, resume=resume, on_problem_done=done)
             return outcomes, asyncio.get_running_loop().time() - started
+        finally:
+            await backend.aclose()
 
     with bar if not bar.disable else contextlib.nullcontext():
         outcomes, wall = asyncio.run(go())

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from markov_rsa import (
+    Backend,
     ConfigError,
     MarkovRSA,
     MarkovRSAError,
@@ -52,9 +53,10 @@ def _option(name: str, annotation: Any, default: Any, *decls: str, help: str, en
 # Shared by every command that talks to a backend; each becomes a keyword of make_backend().
 BACKEND_OPTIONS = [
     _option("backend", Optional[str], None, "--backend", envvar="MARKOV_RSA_BACKEND",
-            help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1."),
+            help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1; unset runs the local engine."),
     _option("model", Optional[str], None, "--model", envvar="MARKOV_RSA_MODEL",
-            help="Model name (default: the server's first)."),
+            help="Server: model name (default: its first). Local: a GGUF, a checkpoint dir or a cached id "
+                 "(default: the embedded SmolLM2-135M-Instruct)."),
     _option("api_key", Optional[str], None, "--api-key", envvar="MARKOV_RSA_API_KEY", help="Bearer key for the backend."),
     _option("concurrency", int, 64, "--concurrency", help="Max requests in flight."),
     _option("requests_per_second", Optional[float], None, "--rps", help="Max requests started per second."),
@@ -62,6 +64,9 @@ BACKEND_OPTIONS = [
     _option("max_retries", int, 4, "--max-retries", help="Retries per rollout on 429, 5xx and timeouts."),
     _option("tokenizer", Optional[str], None, "--tokenizer",
             help="Local tokenizer.json or model dir, for servers without /tokenize."),
+    _option("device", Optional[str], None, "--device", help="Local engine: cpu, cuda, cuda:1 (default: CUDA if present)."),
+    _option("allow_download", bool, False, "--allow-download/--no-download",
+            help="Local engine: let a model id missing from the local cache be downloaded."),
 ]
 BACKEND_NAMES = tuple(p.name for p in BACKEND_OPTIONS)
 PRESET_OPTION = inspect.Parameter(
@@ -104,9 +109,15 @@ def read_problem(problem: str | None) -> str:
 
 
 def split_flags(flags: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """``(preset, RSA parameter flags, backend flags)`` from a command's keyword arguments."""
+    """``(preset, RSA parameter flags, backend flags)`` from a command's keyword arguments.
+
+    With no backend the run is on the local engine, whose default preset is ``local``.
+    """
     backend = {name: flags.pop(name) for name in BACKEND_NAMES}
-    return flags.pop("preset", None), flags, backend
+    preset = flags.pop("preset", None)
+    if preset is None and backend["backend"] in (None, "local"):
+        preset = "local"
+    return preset, flags, backend
 
 
 def build_params(preset: str | None, flags: dict[str, Any]) -> RSAParams:
@@ -124,10 +135,14 @@ def make_backend(
     timeout: float,
     max_retries: int,
     tokenizer: str | None,
-) -> OpenAIBackend:
-    """The backend the flags name."""
-    if backend is None:
-        raise ConfigError("no backend given: pass --backend URL (e.g. http://localhost:8000/v1)")
+    device: str | None,
+    allow_download: bool,
+) -> Backend:
+    """The backend the flags name: an OpenAI-compatible server, or the in-process engine."""
+    if backend is None or backend == "local":
+        from markov_rsa.engine import LocalEngine
+
+        return LocalEngine(model, device=device, allow_download=allow_download, max_batch_size=min(concurrency, 16))
     return OpenAIBackend(
         backend,
         model,
@@ -140,12 +155,17 @@ def make_backend(
     )
 
 
-async def check_backend(backend: OpenAIBackend) -> None:
-    """Fail fast, with one line, when the backend cannot be reached or refuses us."""
+async def check_backend(backend: Backend) -> None:
+    """Fail fast, with one line, when the backend cannot be reached, refuses us, or cannot load."""
     try:
-        await backend.resolve_model()
+        if isinstance(backend, OpenAIBackend):
+            await backend.resolve_model()
+        else:
+            await backend.load()  # type: ignore[attr-defined]
+    except ConfigError:
+        raise
     except MarkovRSAError as err:
-        raise ConfigError(f"cannot use backend {backend.base_url}: {err}") from None
+        raise ConfigError(f"cannot use backend {backend.name}: {err}") from None
 
 
 def fan_out(*handlers: Any) -> Any:
@@ -172,13 +192,13 @@ def load_resume(run_dir: str) -> LoggedRun:
 async def run_solve(
     problem: Any,
     params: RSAParams,
-    backend: OpenAIBackend,
+    backend: Backend,
     show_progress: bool,
     run_dir: str | None = None,
     resume: LoggedRun | None = None,
 ) -> RSAResult:
     """Run one solve with a progress display, logging it when asked."""
-    async with backend:
+    try:
         await check_backend(backend)
         log = RunLog(run_dir, resuming=resume is not None) if run_dir else None
         display = ProgressDisplay(Console(stderr=True)) if show_progress else None
@@ -193,6 +213,8 @@ async def run_solve(
         finally:
             if log is not None:
                 log.close()
+    finally:
+        await backend.aclose()
 
 
 def solve(

@@ -23,7 +23,9 @@ from ._http import OpenAIBackend
 from ._params import PARAM_NAMES, PRESETS, RSAParams, Selection, Task, params_from_env, resolve_params
 from ._prompts import aggregation_messages, load_template
 from ._result import RolloutRecord, RoundSummary, RSAResult
+from ._runlog import LoggedRun, RunLog, read_run_log
 from ._sync import solve
+from ._eval import evaluate, load_dataset, summarise
 from ._tails import TRUNCATION_MARKER, Tail, make_tail
 from ._tokenizers import SyncTokenizer, Tokenizer, local_tokenizer, tiktoken_tokenizer
 from ._types import GenerationRequest, Message, Trace, Usage
@@ -40,6 +42,8 @@ __all__ = [
     "Event",
     "FinalAggregationStarted",
     "GenerationRequest",
+    "LoggedRun",
+    "RunLog",
     "MarkovRSA",
     "MarkovRSAError",
     "Message",
@@ -68,6 +72,10 @@ __all__ = [
     "answers_equivalent",
     "call_seed",
     "draw_subsets",
+    "evaluate",
+    "load_dataset",
+    "read_run_log",
+    "summarise",
     "extract_answer",
     "load_template",
     "local_tokenizer",

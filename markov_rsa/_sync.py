@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from typing import Any
 
 from ._controller import MarkovRSA, Problem
-from ._events import EventHandler
+from ._events import Event, EventHandler
 from ._http import OpenAIBackend
 from ._params import RSAParams, resolve_params
 from ._result import RSAResult
+from ._runlog import RunLog
+
+
+def _both(log: RunLog, on_event: EventHandler) -> EventHandler:
+    async def handle(event: Event) -> None:
+        log(event)
+        outcome = on_event(event)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+    return handle
 
 
 def solve(
@@ -23,22 +35,31 @@ def solve(
     preset: str | None = None,
     on_event: EventHandler | None = None,
     concurrency: int = 64,
+    run_dir: str | None = None,
     **overrides: Any,
 ) -> RSAResult:
     """Solve one problem and block until done.
 
     ``backend`` is an OpenAI base URL (``http://localhost:8000/v1``) or a :class:`Backend` object.
     Parameter overrides go as keywords (``n=8, t=3``) on top of ``preset`` and ``params``.
-    Works from plain scripts and from inside a running event loop (a notebook): there the run
-    goes to a worker thread.
+    ``run_dir`` logs the run as JSONL there (see :class:`RunLog`). Works from plain scripts and
+    from inside a running event loop (a notebook): there the run goes to a worker thread.
     """
     resolved = resolve_params(preset, overrides, base=params)
 
     async def run() -> RSAResult:
-        if isinstance(backend, str):
-            async with OpenAIBackend(backend, model, api_key, concurrency=concurrency) as http:
-                return await MarkovRSA(http, resolved).solve(problem, on_event)
-        return await MarkovRSA(backend, resolved).solve(problem, on_event)
+        log = RunLog(run_dir) if run_dir else None
+        handler = on_event
+        if log is not None:
+            handler = log if on_event is None else _both(log, on_event)
+        try:
+            if isinstance(backend, str):
+                async with OpenAIBackend(backend, model, api_key, concurrency=concurrency) as http:
+                    return await MarkovRSA(http, resolved).solve(problem, handler)
+            return await MarkovRSA(backend, resolved).solve(problem, handler)
+        finally:
+            if log is not None:
+                log.close()
 
     try:
         asyncio.get_running_loop()

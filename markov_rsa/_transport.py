@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import httpx
 
+T = TypeVar("T")
 _MAX_HEADER_BYTES = 64 * 1024
 _READ_CHUNK = 64 * 1024
 
@@ -40,11 +42,14 @@ def _timeouts(request: httpx.Request) -> tuple[float | None, float | None, float
     return timeout.get("connect"), timeout.get("read"), timeout.get("write")
 
 
-async def _with_timeout(awaitable: object, seconds: float | None, error: type[httpx.TimeoutException],
-                        request: httpx.Request) -> object:
+async def _with_timeout(awaitable: Awaitable[T], seconds: float | None, error: type[httpx.TimeoutException],
+                        request: httpx.Request) -> T:
+    # asyncio.timeout rather than wait_for: wait_for can swallow a cancellation that races with
+    # completion, and a lost cancellation here means a request left running on the server.
     try:
-        return await asyncio.wait_for(awaitable, seconds)  # type: ignore[arg-type]
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
         raise error("timed out", request=request) from None
 
 
@@ -69,9 +74,9 @@ class _Body(httpx.AsyncByteStream):
         self._keep_alive = keep_alive
         self._read_timeout = read_timeout
 
-    async def _read(self, coro: object) -> bytes:
+    async def _read(self, coro: Awaitable[bytes]) -> bytes:
         try:
-            return await _with_timeout(coro, self._read_timeout, httpx.ReadTimeout, self._request)  # type: ignore[return-value]
+            return await _with_timeout(coro, self._read_timeout, httpx.ReadTimeout, self._request)
         except asyncio.IncompleteReadError:
             raise httpx.RemoteProtocolError("peer closed connection mid-body", request=self._request) from None
         except (ConnectionError, OSError) as err:
@@ -153,7 +158,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         scheme, host, port = origin
         connect_timeout, _, _ = _timeouts(request)
         try:
-            reader, writer = await _with_timeout(  # type: ignore[misc]
+            reader, writer = await _with_timeout(
                 asyncio.open_connection(host, port, ssl=self._ssl_context() if scheme == "https" else None,
                                         limit=_MAX_HEADER_BYTES * 4),
                 connect_timeout,
