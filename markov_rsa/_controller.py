@@ -394,6 +394,23 @@ class _Run:
         request = self.request(messages, call_seed(self.seed, round_index, 0), p.final_max_tokens)
         self.progress.in_flight = 1
         await self.emit(FinalAggregationStarted())
+        stream = getattr(self.owner.backend, "stream_complete", None)
+        if stream is not None and getattr(self.on_event, "relay_final_deltas", False):
+            from ._events import FinalDelta
+
+            # The final call's output is the answer itself: a consumer that shows it (an SSE
+            # client) gets its tokens as they are generated instead of after the whole call.
+            try:
+                trace: Trace = await stream(request, lambda text, reasoning: self.emit(FinalDelta(text, reasoning)))
+            except BackendError as err:
+                self.progress.in_flight = 0
+                self.failed += 1
+                self.retries += err.attempts - 1
+                self.calls += 1
+                raise
+            self.progress.in_flight = 0
+            self.account(trace)
+            return trace
         async for _, outcome in self.owner.backend.generate([request]):
             self.progress.in_flight = 0
             if isinstance(outcome, BackendError):

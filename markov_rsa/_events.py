@@ -77,6 +77,20 @@ class FinalAggregationStarted:
 
 
 @dataclass
+class FinalDelta:
+    """A piece of the final aggregation's output as it streams in (``text`` answer, ``reasoning``).
+
+    Emitted only to handlers that ask for it with a true ``relay_final_deltas`` attribute, and only
+    when the backend can stream.
+    """
+
+    text: str
+    reasoning: str = ""
+    progress: Progress = field(default_factory=Progress)
+    type: str = "final_delta"
+
+
+@dataclass
 class RunFinished:
     """The run ended with a result."""
 
@@ -85,5 +99,7 @@ class RunFinished:
     type: str = "run_finished"
 
 
-Event = Union[RunStarted, RoundStarted, RolloutFinished, RoundFinished, FinalAggregationStarted, RunFinished]
+Event = Union[
+    RunStarted, RoundStarted, RolloutFinished, RoundFinished, FinalAggregationStarted, FinalDelta, RunFinished
+]
 EventHandler = Callable[[Event], Awaitable[None] | None]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from ._backend import Outcome
 from ._errors import BackendError, ConfigError
 from ._tokenizers import Tokenizer, local_tokenizer, tiktoken_tokenizer
+from ._transport import LeanTransport
 from ._types import GenerationRequest, Trace, Usage
 
 # Fields beyond OpenAI's that some servers reject; when one is named in a 400, it is dropped for
@@ -56,6 +58,45 @@ def root_url(base_url: str) -> str:
     """The server root of an OpenAI base URL (``http://h:8000/v1`` -> ``http://h:8000``)."""
     base = base_url.rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+DeltaHandler = Callable[[str, str], Awaitable[None] | None]
+"""Receives each streamed piece of a completion as ``(content, reasoning)``."""
+
+
+class _StreamState:
+    """What a streamed completion has produced so far."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.content = ""
+        self.reasoning = ""
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.relayed = False
+
+    async def take(self, chunk: dict[str, Any], on_delta: DeltaHandler) -> None:
+        if chunk.get("usage"):
+            self.usage = Usage.from_dict(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+            thought = delta.get("reasoning") or delta.get("reasoning_content") or ""
+            ids = choice.get("token_ids")
+            if isinstance(ids, list):
+                self.token_ids.extend(int(t) for t in ids)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            if text or thought:
+                self.content += text
+                self.reasoning += thought
+                self.relayed = True
+                outcome = on_delta(text, thought)
+                if inspect.isawaitable(outcome):
+                    await outcome
 
 
 class RemoteTokenizer:
@@ -143,7 +184,7 @@ class OpenAIBackend:
         self._client = httpx.AsyncClient(
             headers={**auth, **(headers or {})},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8),
+            transport=LeanTransport(max_idle_per_origin=concurrency + 8),
         )
 
     @property
@@ -288,6 +329,106 @@ class OpenAIBackend:
             latency_s=time.perf_counter() - started,
             raw=choice.get("message"),
         )
+
+    async def stream_complete(self, request: GenerationRequest, on_delta: DeltaHandler) -> Trace:
+        """One rollout streamed: ``on_delta(content, reasoning)`` is called with each piece as it arrives.
+
+        Retried like :meth:`complete` until the first piece was handed over; after that a failure
+        is final, since the receiver already holds part of the text. Raises :class:`BackendError`.
+        """
+        attempts = 0
+        started = time.perf_counter()
+        state = _StreamState()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max),
+            retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retriable and not state.relayed),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    state.reset()
+                    async with self._semaphore:
+                        if self._throttler is not None:
+                            async with self._throttler:
+                                pass
+                        await self._stream_once(request, on_delta, state)
+        except BackendError as err:
+            err.attempts = attempts
+            raise
+        reasoning, content = parse_choice({"message": {"content": state.content, "reasoning": state.reasoning}})
+        return Trace(
+            content=content,
+            reasoning=reasoning,
+            token_ids=state.token_ids or None,
+            finish_reason=state.finish_reason,
+            usage=state.usage,
+            attempts=attempts,
+            latency_s=time.perf_counter() - started,
+            raw={"role": "assistant", "content": state.content, "reasoning": state.reasoning},
+        )
+
+    async def _stream_once(
+        self, request: GenerationRequest, on_delta: DeltaHandler, state: _StreamState, url: str | None = None
+    ) -> None:
+        model = await self.resolve_model()
+        target = url or f"{self.base_url}/chat/completions"
+        while True:
+            payload = {**self._payload(request, model), "stream": True, "stream_options": {"include_usage": True}}
+            try:
+                await self._read_stream(target, payload, on_delta, state)
+                return
+            except BackendError as err:
+                field = None if state.relayed else self._rejected_field(err, payload)
+                if field is None:
+                    raise
+                self._dropped.add(field)
+
+    async def _read_stream(
+        self, url: str, payload: dict[str, Any], on_delta: DeltaHandler, state: _StreamState
+    ) -> None:
+        try:
+            async with self._client.stream("POST", url, json=payload) as response:
+                if response.status_code >= 400:
+                    raw = await response.aread()
+                    try:
+                        body: Any = json.loads(raw)
+                    except ValueError:
+                        body = None
+                    detail = error_message(body) if body is not None else raw[:300].decode(errors="replace")
+                    raise BackendError(
+                        f"{url} returned {response.status_code}: {detail}",
+                        status=response.status_code,
+                        retriable=response.status_code in _RETRY_STATUSES,
+                        body=body,
+                    )
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise BackendError(f"{url}: malformed JSON in stream: {data[:120]!r}", retriable=True) from None
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        err = chunk["error"]
+                        code = err.get("code") if isinstance(err, dict) else None
+                        status = code if isinstance(code, int) else None
+                        raise BackendError(
+                            f"{url} failed mid-stream: {error_message(chunk)}",
+                            status=status,
+                            retriable=status is None or status in _RETRY_STATUSES,
+                            body=chunk,
+                        )
+                    await state.take(chunk, on_delta)
+        except httpx.TimeoutException as err:
+            raise BackendError(f"{url}: timed out ({type(err).__name__})", retriable=True, timeout=True) from None
+        except httpx.TransportError as err:
+            raise BackendError(f"{url}: connection failed ({type(err).__name__}: {err})", retriable=True) from None
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Outcome]]:
         """Run all requests concurrently (up to the cap); yield each outcome as it lands."""
