@@ -293,6 +293,21 @@ app.command("fake-backend", help=fake_backend.__doc__)(
 )
 
 
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Run the OpenAI-compatible Markovian RSA proxy in front of --upstream URL (or --engine local).
+
+    Every flag is listed by 'markov-rsa serve --help'.
+    """
+    from markov_rsa.server.__main__ import main as serve_main
+
+    serve_main(ctx.args, prog="markov-rsa serve")
+
+
 def main() -> None:
     """Entry point of the ``markov-rsa`` command."""
     app()

@@ -122,3 +122,47 @@ def test_help_lists_every_parameter() -> None:
         assert flag in proc.stdout, flag
     top = cli("--help")
     assert top.returncode == 0 and "solve" in top.stdout and "fake-backend" in top.stdout
+
+
+def test_serve_command_proxies_with_rsa(fake_backend: Any) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    server = fake_backend(length_mean=40, error_rate=0.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [CLI, "serve", "--upstream", server.base_url, "--port", str(port), "--preset", "smoke", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "fake-reasoner", "messages": [{"role": "user", "content": "What is 6 * 7?"}],
+                  "rsa": {"n": 3, "k": 2, "t": 2}},
+            timeout=60,
+        ).json()
+        assert "\\boxed{42}" in reply["choices"][0]["message"]["content"]
+        assert reply["rsa"]["population"] == 3
+        assert reply["usage"] == server.stats.usage
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_without_upstream_is_one_line() -> None:
+    proc = cli("serve", "--port", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--upstream" in proc.stderr

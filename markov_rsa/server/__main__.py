@@ -53,12 +53,18 @@ def _metavar(annotation: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(annotation, "VALUE")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m markov_rsa.server") -> argparse.ArgumentParser:
     """The argument parser of the proxy."""
-    parser = argparse.ArgumentParser(
-        prog="python -m markov_rsa.server", description="OpenAI-compatible Markovian RSA proxy."
-    )
+    parser = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible Markovian RSA proxy.")
     net = parser.add_argument_group("server")
+    net.add_argument(
+        "--engine",
+        choices=["upstream", "local"],
+        default="upstream",
+        help="upstream: relay to --upstream servers (default); local: run the in-process engine "
+        "(--model names a GGUF, a checkpoint dir or a cached id; default the embedded SmolLM2-135M-Instruct).",
+    )
+    net.add_argument("--device", default=None, help="Local engine: cpu, cuda, cuda:1 (default: CUDA if present).")
     net.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default: 127.0.0.1).")
     net.add_argument("--port", type=int, default=8100, help="Port to listen on (default: 8100).")
     net.add_argument(
@@ -136,18 +142,32 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         raise ConfigError(f"{field}: {first['msg']}" if field else first["msg"], param=field) from None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m markov_rsa.server") -> None:
     """Parse flags and serve until interrupted; a bad setting exits with a one-line message."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
+    factory = None
     try:
         config = config_from_args(args)
-        if not config.upstreams:
-            raise ConfigError("give at least one --upstream URL, e.g. --upstream http://localhost:8000/v1", param="upstream")
+        if args.engine == "local":
+            if config.upstreams:
+                raise ConfigError("--engine local serves the in-process model; drop --upstream", param="upstream")
+            factory = _local_engine_factory(config.model, args.device)
+        elif not config.upstreams:
+            raise ConfigError(
+                "give at least one --upstream URL (e.g. --upstream http://localhost:8000/v1) or --engine local",
+                param="upstream",
+            )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_server(config, args.host, args.port, log_level=args.log_level)
+    run_server(config, args.host, args.port, log_level=args.log_level, backend_factory=factory)
+
+
+def _local_engine_factory(model: str | None, device: str | None) -> Any:
+    from ..engine import LocalEngine
+
+    return lambda: LocalEngine(model, device=device)
 
 
 if __name__ == "__main__":
