@@ -4,7 +4,7 @@ Put it in front of any OpenAI-compatible inference server (vLLM first) and point
 it. Chat requests get Markovian RSA unless they carry tools, ask for ``n > 1`` or say
 ``"rsa": false``; those, and ``/v1/completions``, pass through unchanged. The request key ``rsa``
 (``true``, ``false`` or an object of :class:`~markov_rsa.RSAParams` fields) follows Zyphra's RSA
-proxy, so its clients switch without a change. See ``DEPLOYMENT.md`` next to this file.
+proxy, so its clients switch without a change. README.md describes serving and deployment.
 """
 
 from ._app import create_app, run_server
