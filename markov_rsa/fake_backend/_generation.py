@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import tiktoken
 
+from .._prompts import content_text
 from ._solver import compose, encoding
 from ._state import ServerState
 
@@ -46,17 +47,6 @@ def _number_field(body: dict[str, Any], name: str, low: float, high: float) -> f
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise BadRequest(f"{name} must be a number in [{low}, {high}], got {value!r}.", name)
     return float(value)
-
-
-def content_text(content: object) -> str:
-    """Text of a message content: a string, or a list of typed parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return str(content)
 
 
 def _role_header(enc: tiktoken.Encoding, role: str) -> list[int]:
