@@ -56,6 +56,8 @@ def run_eval(
         raise ConfigError(f"{dataset} has no usable problems")
     if resume and out is not None and not out.is_dir():
         raise ConfigError(f"nothing to resume at {out}", param="resume")
+    if not resume and out is not None and (out / "runs").is_dir():
+        raise ConfigError(f"{out} already holds an evaluation; continue it with --resume {out} or pick another --out")
 
     bar = Progress(
         TextColumn("problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),

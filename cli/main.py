@@ -93,6 +93,10 @@ def user_errors() -> Any:
         raise fail(str(err), 2) from None
     except MarkovRSAError as err:
         raise fail(str(err), 1) from None
+    except OSError as err:
+        # A file or directory the user named cannot be used (exists as a file, no permission...).
+        where = f" {err.filename}" if err.filename else ""
+        raise fail(f"cannot use{where}: {err.strerror or err}", 2) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
 

@@ -30,7 +30,7 @@ from ._params import RSAParams, Selection
 from ._prompts import aggregation_messages, problem_text
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._tails import make_tail
-from ._tokenizers import Tokenizer
+from ._tokenizers import Tokenizer, tiktoken_tokenizer
 from ._types import GenerationRequest, Message, Trace, Usage
 
 Problem = str | Sequence[Message]
@@ -62,7 +62,8 @@ def draw_subsets(seed: int, round_index: int, survivors: Sequence[int], n: int, 
     """
     rng = random.Random(f"markov-rsa:{seed}:{round_index}")
     size = min(k, len(survivors))
-    return [sorted(rng.sample(list(survivors), size)) for _ in range(n)]
+    # random.sample order is kept: it is the candidates' order in the prompt, so no slot is always first.
+    return [rng.sample(list(survivors), size) for _ in range(n)]
 
 
 class MarkovRSA:
@@ -190,7 +191,13 @@ class _Run:
         assert record.trace is not None and self.tokenizer is not None
         if record.tail is not None:
             return
-        tail = await make_tail(record.trace, self.params.tail_tokens, self.tokenizer, self.params.align_newline)
+        try:
+            tail = await make_tail(record.trace, self.params.tail_tokens, self.tokenizer, self.params.align_newline)
+        except BackendError as err:
+            # The server's tokenizer failed even after retries: cut this tail approximately rather
+            # than lose the run.
+            self.notes.append(f"tail of round {record.round} slot {record.slot} cut with tiktoken: {_short_reason(err)}")
+            tail = await make_tail(record.trace, self.params.tail_tokens, tiktoken_tokenizer(), self.params.align_newline)
         record.tail, record.tail_tokens = tail.text, tail.tokens
 
     async def execute(self) -> RSAResult:
@@ -252,10 +259,14 @@ class _Run:
         to_run: list[RolloutRecord] = []
         for record in planned:
             done = self.existing.get((round_index, record.slot))
-            if done is not None and done.ok:
+            # A logged rollout is reused only if it aggregated the same parents this run draws now;
+            # a failure is reused only from a round that had finished (it then shaped the next draw).
+            if done is not None and done.parents == record.parents:
                 records[record.slot] = done
-                assert done.trace is not None
-                self.account(done.trace)
+                if done.trace is not None:
+                    self.account(done.trace)
+                else:
+                    self.failed += 1
             else:
                 to_run.append(record)
         self.progress.done = len(records)
@@ -287,7 +298,7 @@ class _Run:
             records[record.slot] = record
             await self.emit(RolloutFinished(record))
         if tail_tasks:
-            await asyncio.gather(*tail_tasks)
+            await asyncio.gather(*tail_tasks)  # attach_tail never raises
         self.check_survivors(round_index, records, failures)
         self.round_wall = time.perf_counter() - round_started
         return [records[slot] for slot in sorted(records)]

@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from asyncio_throttle import Throttler
@@ -20,10 +20,14 @@ from ._tokenizers import Tokenizer, local_tokenizer, tiktoken_tokenizer
 from ._transport import LeanTransport
 from ._types import GenerationRequest, Trace, Usage
 
+T = TypeVar("T")
+
 # Fields beyond OpenAI's that some servers reject; when one is named in a 400, it is dropped for
 # the rest of this backend's life instead of failing every call.
 OPTIONAL_FIELDS = ("return_token_ids", "top_k", "chat_template_kwargs", "seed")
 _INLINE_THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
+_REJECTION_WORDS = ("unrecognized", "unrecognised", "unknown", "unsupported", "not supported", "extra",
+                    "not permitted", "not allowed", "unexpected", "invalid field")
 _RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -113,7 +117,7 @@ class RemoteTokenizer:
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` from the server."""
-        data = await self._backend._post_json(
+        data = await self._backend._post_json_retried(
             self._tokenize_url,
             {
                 "model": await self._backend.resolve_model(),
@@ -127,7 +131,7 @@ class RemoteTokenizer:
 
     async def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` from the server."""
-        data = await self._backend._post_json(
+        data = await self._backend._post_json_retried(
             self._detokenize_url, {"model": await self._backend.resolve_model(), "tokens": ids}
         )
         for key in ("prompt", "text", "content"):
@@ -163,6 +167,14 @@ class OpenAIBackend:
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"backend URL must start with http:// or https://, got {base_url!r}", param="backend")
+        try:
+            parsed = httpx.URL(base_url)
+        except (httpx.InvalidURL, ValueError) as err:
+            raise ConfigError(f"invalid backend URL {base_url!r}: {err}", param="backend") from None
+        if not parsed.host or (parsed.port is not None and not 0 < parsed.port < 65536):
+            raise ConfigError(f"invalid backend URL {base_url!r}: no host, or a port out of range", param="backend")
+        if api_key is not None and not api_key.isascii():
+            raise ConfigError("the API key must be ASCII text", param="api_key")
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1", param="concurrency")
         self.base_url = base_url.rstrip("/")
@@ -179,7 +191,14 @@ class OpenAIBackend:
         self._model_lock = asyncio.Lock()
         self._dropped: set[str] = set() if return_token_ids else {"return_token_ids"}
         self._semaphore = asyncio.Semaphore(concurrency)
-        self._throttler = Throttler(rate_limit=requests_per_second, period=1.0) if requests_per_second else None
+        if requests_per_second is not None and requests_per_second <= 0:
+            raise ConfigError("requests per second must be positive", param="rps")
+        self._throttler = (
+            # Below one request a second, one request per 1/rps seconds.
+            Throttler(rate_limit=max(1, int(requests_per_second)), period=max(1.0, 1.0 / requests_per_second))
+            if requests_per_second
+            else None
+        )
         auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers={**auth, **(headers or {})},
@@ -236,6 +255,13 @@ class OpenAIBackend:
     async def _post_json(self, url: str, payload: dict[str, Any]) -> Any:
         return await self._send("POST", url, payload, timeout=min(self.timeout, 60.0))
 
+    async def _post_json_retried(self, url: str, payload: dict[str, Any]) -> Any:
+        if self._tokenizer is None:
+            # Still probing which endpoint exists: a failure means "not this one", not "try again".
+            return await self._post_json(url, payload)
+        result, _ = await self.with_retries(lambda: self._post_json(url, payload), limited=False)
+        return result
+
     async def resolve_model(self) -> str:
         """The model to ask for: the configured one, else the first the server lists."""
         if self.model:
@@ -277,6 +303,9 @@ class OpenAIBackend:
         if err.status not in (400, 422):
             return None
         text = str(err).lower()
+        # Only a complaint about the field itself, not about its value (a bad seed must not be dropped).
+        if not any(word in text for word in _REJECTION_WORDS):
+            return None
         return next((f for f in OPTIONAL_FIELDS if f in payload and f in text), None)
 
     async def _complete_once(self, request: GenerationRequest) -> dict[str, Any]:
@@ -291,44 +320,58 @@ class OpenAIBackend:
                     raise
                 self._dropped.add(field)
 
-    async def complete(self, request: GenerationRequest) -> Trace:
-        """One rollout, with retries. Raises :class:`BackendError` when it fails for good."""
-        attempts = 0
-        started = time.perf_counter()
-        retrying = AsyncRetrying(
+    def _retrying(self, may_retry: Callable[[], bool] = lambda: True) -> AsyncRetrying:
+        """The retry policy: retriable failures only, exponential backoff with jitter."""
+        return AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max),
-            retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retriable),
+            retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retriable and may_retry()),
             reraise=True,
         )
+
+    async def with_retries(self, call: Callable[[], Awaitable[T]], *, limited: bool = True,
+                           may_retry: Callable[[], bool] = lambda: True) -> tuple[T, int]:
+        """``(result, attempts)`` of ``call`` under the retry policy; ``limited`` calls also take a
+        concurrency slot and respect the rate limit. Raises the last :class:`BackendError`."""
+        attempts = 0
         try:
-            async for attempt in retrying:
+            async for attempt in self._retrying(may_retry):
                 with attempt:
                     attempts += 1
+                    if not limited:
+                        return await call(), attempts
                     async with self._semaphore:
                         if self._throttler is not None:
                             async with self._throttler:
                                 pass
-                        data = await self._complete_once(request)
+                        return await call(), attempts
         except BackendError as err:
             err.attempts = attempts
             raise
+        raise BackendError("no attempt was made")  # unreachable: tenacity always makes one
+
+    async def complete(self, request: GenerationRequest) -> Trace:
+        """One rollout, with retries. Raises :class:`BackendError` when it fails for good."""
+        started = time.perf_counter()
+        data, attempts = await self.with_retries(lambda: self._complete_once(request))
         try:
             choice = data["choices"][0]
-        except (KeyError, IndexError, TypeError):
-            raise BackendError(f"response has no choices: {str(data)[:200]}", attempts=attempts) from None
-        reasoning, content = parse_choice(choice)
-        ids = choice.get("token_ids")
-        return Trace(
-            content=content,
-            reasoning=reasoning,
-            token_ids=[int(t) for t in ids] if isinstance(ids, list) else None,
-            finish_reason=choice.get("finish_reason"),
-            usage=Usage.from_dict(data.get("usage")),
-            attempts=attempts,
-            latency_s=time.perf_counter() - started,
-            raw=choice.get("message"),
-        )
+            reasoning, content = parse_choice(choice)
+            ids = choice.get("token_ids")
+            return Trace(
+                content=content,
+                reasoning=reasoning,
+                token_ids=[int(t) for t in ids] if isinstance(ids, list) else None,
+                finish_reason=choice.get("finish_reason"),
+                usage=Usage.from_dict(data.get("usage")),
+                attempts=attempts,
+                latency_s=time.perf_counter() - started,
+                raw=choice.get("message"),
+            )
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
+            raise BackendError(
+                f"unexpected chat completion response ({type(err).__name__}): {str(data)[:200]}", attempts=attempts
+            ) from None
 
     async def stream_complete(self, request: GenerationRequest, on_delta: DeltaHandler) -> Trace:
         """One rollout streamed: ``on_delta(content, reasoning)`` is called with each piece as it arrives.
@@ -336,28 +379,14 @@ class OpenAIBackend:
         Retried like :meth:`complete` until the first piece was handed over; after that a failure
         is final, since the receiver already holds part of the text. Raises :class:`BackendError`.
         """
-        attempts = 0
         started = time.perf_counter()
         state = _StreamState()
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait_random_exponential(multiplier=self.backoff_base, max=self.backoff_max),
-            retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retriable and not state.relayed),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    state.reset()
-                    async with self._semaphore:
-                        if self._throttler is not None:
-                            async with self._throttler:
-                                pass
-                        await self._stream_once(request, on_delta, state)
-        except BackendError as err:
-            err.attempts = attempts
-            raise
+
+        async def attempt() -> None:
+            state.reset()
+            await self._stream_once(request, on_delta, state)
+
+        _, attempts = await self.with_retries(attempt, may_retry=lambda: not state.relayed)
         reasoning, content = parse_choice({"message": {"content": state.content, "reasoning": state.reasoning}})
         return Trace(
             content=content,
@@ -439,6 +468,8 @@ class OpenAIBackend:
                 outcome: Outcome = await self.complete(request)
             except BackendError as err:
                 outcome = err
+            except Exception as err:  # noqa: BLE001 - one broken rollout must not hang the batch
+                outcome = BackendError(f"{type(err).__name__}: {err}")
             queue.put_nowait((index, outcome))
 
         tasks = [asyncio.create_task(run(i, r)) for i, r in enumerate(requests)]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import ValidationError
+
 from ._errors import ConfigError
 from ._events import Event, RolloutFinished, RoundFinished, RunFinished, RunStarted
 from ._params import RSAParams
@@ -28,12 +30,15 @@ class RunLog:
 
     def __init__(self, run_dir: str | Path, *, resuming: bool = False) -> None:
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / LOG_NAME
         if not resuming and self.path.exists() and self.path.stat().st_size > 0:
             raise ConfigError(f"{self.path} already holds a run; resume it with --resume {self.dir}", param="run_dir")
         self.resuming = resuming
-        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot write the run log in {self.dir}: {err.strerror or err}", param="run_dir") from None
 
     def write(self, record: dict[str, Any], sync: bool = False) -> None:
         """Append one record and flush it to the OS (and to disk when ``sync``)."""
@@ -92,6 +97,8 @@ def read_run_log(run_dir: str | Path) -> LoggedRun:
         raise ConfigError(f"no run log at {path}", param="resume")
     config: dict[str, Any] | None = None
     records: dict[tuple[int, int], RolloutRecord] = {}
+    failed: dict[tuple[int, int], RolloutRecord] = {}
+    finished_rounds: set[int] = set()
     result = None
     skipped = []
     with path.open(encoding="utf-8", errors="replace") as lines:
@@ -101,30 +108,42 @@ def read_run_log(run_dir: str | Path) -> LoggedRun:
             try:
                 data = json.loads(line)
                 kind = data["type"]
-            except (ValueError, KeyError, TypeError):
+                if kind == "config":
+                    config = data
+                elif kind == "rollout":
+                    record = _record_from_log(data)
+                    (records if record.error is None else failed)[(record.round, record.slot)] = record
+                elif kind == "round_end":
+                    finished_rounds.add(int(data["round"]))
+                elif kind == "result":
+                    result = data
+            except (ValueError, KeyError, TypeError, AttributeError):
                 skipped.append(number)
                 warnings.warn(f"{path}:{number}: unreadable record skipped", stacklevel=2)
-                continue
-            if kind == "config":
-                config = data
-            elif kind == "rollout" and data.get("error") is None:
-                record = _record_from_log(data)
-                records[(record.round, record.slot)] = record
-            elif kind == "result":
-                result = data
     if config is None:
         raise ConfigError(f"{path} has no readable config record; cannot resume", param="resume")
-    return LoggedRun(
-        params=RSAParams.model_validate(config["params"]),
-        seed=int(config["seed"]),
-        messages=list(config["messages"]),
-        records=records,
-        result=result,
-        skipped_lines=skipped,
-    )
+    # A failure in a finished round stays a failure (the next round's subsets were drawn without
+    # it); one in an unfinished round is run again.
+    records.update({key: r for key, r in failed.items() if key[0] in finished_rounds and key not in records})
+    try:
+        params = RSAParams.model_validate(config["params"])
+        return LoggedRun(
+            params=params,
+            seed=int(config["seed"]),
+            messages=list(config["messages"]),
+            records=records,
+            result=result,
+            skipped_lines=skipped,
+        )
+    except (ValidationError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: the config record is unusable ({type(err).__name__}); cannot resume",
+                          param="resume") from None
 
 
 def _record_from_log(data: dict[str, Any]) -> RolloutRecord:
+    if data.get("error") is not None:
+        return RolloutRecord(int(data["round"]), int(data["slot"]), data.get("parents"), data.get("seed"),
+                             error=str(data["error"]), shown_tails=data.get("shown_tails"))
     trace = Trace(
         content=data.get("content") or "",
         reasoning=data.get("reasoning") or "",

@@ -166,3 +166,18 @@ def test_serve_without_upstream_is_one_line() -> None:
     proc = cli("serve", "--port", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--upstream" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rps", "-1"], "requests per second"),
+        (["--run-dir", "/etc/passwd"], "run log"),
+        (["--backend", "http://127.0.0.1:99999/v1"], "invalid backend URL"),
+        (["--api-key", "clé"], "ASCII"),
+    ],
+)
+def test_bad_backend_and_file_flags(fake_backend: Any, args: list[str], needle: str) -> None:
+    server = fake_backend()
+    proc = cli("solve", "What is 1 + 1?", "--backend", server.base_url, "--preset", "smoke", *args)
+    assert_one_line_error(proc, needle)

@@ -61,3 +61,13 @@ def test_eval_limit_and_resume(fake_backend: Any, tmp_path: Path) -> None:
     again = cli("eval", str(DATASET), "--backend", server.base_url, *ARGS, "--limit", "3", "--resume", str(tmp_path))
     assert again.returncode == 0, again.stderr
     assert server.stats.requests == 0  # every problem's run was already complete in its log
+
+
+def test_eval_refuses_to_overwrite_an_evaluation(fake_backend: Any, tmp_path: Path) -> None:
+    server = fake_backend(length_mean=30)
+    first = cli("eval", str(DATASET), "--backend", server.base_url, *ARGS, "--limit", "2", "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "results.json").read_text()
+    again = cli("eval", str(DATASET), "--backend", server.base_url, *ARGS, "--limit", "2", "--out", str(tmp_path))
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "results.json").read_text() == before

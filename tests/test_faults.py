@@ -63,3 +63,30 @@ async def test_every_rollout_failing_is_a_clear_error(fake_backend: Any) -> None
     assert "500" in str(caught.value) or "503" in str(caught.value)
     assert len(server.stats.requests_log) == 3 * 3  # 1 try + 2 retries each
     assert len(caught.value.failures) == 3
+
+
+async def test_a_broken_response_fails_the_rollout_instead_of_hanging() -> None:
+    import asyncio
+
+    body = b'{"choices": [{"message": "not an object"}], "usage": {}}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = int(next(l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        params = RSAParams(n=2, k=2, t=1, max_tokens=10, seed=1)
+        async with OpenAIBackend(f"http://127.0.0.1:{port}/v1", model="m", max_retries=0) as backend:
+            with pytest.raises(RunError) as caught:
+                await asyncio.wait_for(MarkovRSA(backend, params).solve(PROBLEM), 10)
+    assert "unexpected chat completion response" in str(caught.value)

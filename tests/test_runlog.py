@@ -105,3 +105,14 @@ def test_truncated_last_line_is_skipped_with_a_warning(fake_backend: Any, tmp_pa
     assert f"line {cut + 2}" in resumed.stderr and "warning" in resumed.stderr
     assert len(server.stats.requests_log) == 8  # rounds 1 and 2 again, round 0 kept
     assert json.loads(resumed.stdout)["answer"] == json.loads(first.stdout)["answer"]
+
+
+def test_valid_json_but_broken_records_are_skipped(fake_backend: Any, tmp_path: Path) -> None:
+    server = fake_backend(length_mean=40)
+    first = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    log = tmp_path / "run.jsonl"
+    log.write_text(log.read_text() + '{"type": "rollout", "round": null}\n{"type": "round_end"}\n')
+    resumed = cli("solve", "--resume", str(tmp_path), "--backend", server.base_url, "--json", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("warning") == 2
