@@ -12,6 +12,7 @@ from ._errors import BackendError, ConfigError, MarkovRSAError, RunError
 from ._events import (
     Event,
     FinalAggregationStarted,
+    FinalDelta,
     Progress,
     RolloutFinished,
     RoundFinished,
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "Event",
     "FinalAggregationStarted",
+    "FinalDelta",
     "GenerationRequest",
     "LoggedRun",
     "RunLog",
