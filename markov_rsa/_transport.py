@@ -1,142 +1,250 @@
-"""A lean HTTP/1.1 transport for httpx, on asyncio streams.
+"""A lean keep-alive HTTP/1.1 client on asyncio streams, and the httpx transport built on it.
 
 httpx's default pool (httpcore) spends most of a request's CPU time on bookkeeping: it rescans every
 pooled connection, with a socket poll each, whenever a request starts or ends. An orchestrator that
-keeps dozens of rollouts in flight and adds a tokenizer call per trace pays that on every call. This
-transport keeps idle connections in a per-origin stack and does the minimum per request, while
-httpx stays the client API (timeouts, headers, streaming bodies, errors).
+keeps dozens of rollouts in flight, and a proxy whose pass-through must add well under a
+millisecond, pay that on every call. :class:`ConnectionPool` does the minimum per request: idle
+connections in a per-origin stack, a ready request head written in one go, the response head
+parsed, the body read as it arrives (de-chunked). Its two users name failures in their own terms
+through :class:`Failures`: :class:`LeanTransport` (httpx's exceptions, for ``OpenAIBackend``) and
+the proxy's relay client in ``markov_rsa.server._upstream``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 import httpx
 
-T = TypeVar("T")
-_MAX_HEADER_BYTES = 64 * 1024
+Origin = tuple[str, str, int]  # (scheme, host, port)
+_LIMIT = 256 * 1024  # the longest response head (and chunk-size line) read
 _READ_CHUNK = 64 * 1024
+class Failures(NamedTuple):
+    """The exceptions a pool raises, each made from a message and the caller's ``ctx``."""
+
+    connect: Callable[[str, Any], Exception]  # no connection (nothing reached the server)
+    connect_timeout: Callable[[str, Any], Exception]
+    write_timeout: Callable[[str, Any], Exception]
+    read_timeout: Callable[[str, Any], Exception]
+    broken: Callable[[str, Any], Exception]  # the connection failed after it was opened
+    protocol: Callable[[str, Any], Exception]  # the server closed early or sent something not HTTP/1.1
+
+
+class _Malformed(Exception):
+    """Raised inside the body readers; becomes ``Failures.protocol``."""
+
+
+# Errors inside the body readers that mean the connection, or what came over it, is bad.
+_RAW_ERRORS = (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError, _Malformed)
 
 
 class _Connection:
     """One keep-alive connection."""
 
-    __slots__ = ("reader", "writer", "origin")
+    __slots__ = ("loop", "origin", "reader", "writer")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: tuple[str, str, int]):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin) -> None:
         self.reader = reader
         self.writer = writer
         self.origin = origin
+        # Streams belong to the loop that opened them: a client reused under a second asyncio.run
+        # must not pick them up.
+        self.loop = asyncio.get_running_loop()
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.loop is asyncio.get_running_loop() and not self.writer.is_closing() and not self.reader.at_eof()
+        )
 
     def close(self) -> None:
         if not self.writer.is_closing():
-            self.writer.close()
+            try:
+                self.writer.close()
+            except RuntimeError:  # its event loop is already closed; the socket went with it
+                pass
 
 
-def _timeouts(request: httpx.Request) -> tuple[float | None, float | None, float | None]:
-    timeout = request.extensions.get("timeout") or {}
-    return timeout.get("connect"), timeout.get("read"), timeout.get("write")
+async def _exactly(reader: asyncio.StreamReader, size: int, timeout: float | None) -> AsyncIterator[bytes]:
+    """``size`` bytes in pieces as they arrive."""
+    while size > 0:
+        async with asyncio.timeout(timeout):
+            data = await reader.read(min(size, _READ_CHUNK))
+        if not data:
+            raise _Malformed("the server closed the connection before the end of the body")
+        size -= len(data)
+        yield data
 
 
-async def _with_timeout(awaitable: Awaitable[T], seconds: float | None, error: type[httpx.TimeoutException],
-                        request: httpx.Request) -> T:
-    # asyncio.timeout rather than wait_for: wait_for can swallow a cancellation that races with
-    # completion, and a lost cancellation here means a request left running on the server.
-    try:
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    except TimeoutError:
-        raise error("timed out", request=request) from None
+class PooledResponse(httpx.AsyncByteStream):
+    """A response whose head has been read; read the body with :meth:`read` or by iterating it.
 
-
-class _Body(httpx.AsyncByteStream):
-    """A response body read as it arrives; hands the connection back when read to the end."""
+    The connection goes back to the pool once the body was read to the end, and is closed when the
+    response is closed early (which tells the server to stop generating) or when reading fails.
+    """
 
     def __init__(
         self,
-        transport: LeanTransport,
+        pool: ConnectionPool,
         conn: _Connection,
-        request: httpx.Request,
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
         length: int | None,
         chunked: bool,
         keep_alive: bool,
         read_timeout: float | None,
+        ctx: Any,
     ) -> None:
-        self._transport = transport
+        self.status = status
+        self.raw_headers = raw_headers
+        self._pool = pool
         self._conn: _Connection | None = conn
-        self._request = request
         self._length = length
         self._chunked = chunked
         self._keep_alive = keep_alive
         self._read_timeout = read_timeout
+        self._ctx = ctx
 
-    async def _read(self, coro: Awaitable[bytes]) -> bytes:
+    def _failure(self, err: BaseException) -> Exception:
+        failures, ctx = self._pool.failures, self._ctx
+        if isinstance(err, TimeoutError):
+            return failures.read_timeout("the server stopped sending within the timeout", ctx)
+        if isinstance(err, _Malformed):
+            return failures.protocol(str(err), ctx)
+        if isinstance(err, EOFError):
+            return failures.protocol("the server closed the connection mid-body", ctx)
+        if isinstance(err, (ValueError, asyncio.LimitOverrunError)):
+            return failures.protocol(f"malformed body framing: {type(err).__name__}", ctx)
+        return failures.broken(f"the connection broke mid-body: {type(err).__name__}: {err}", ctx)
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        conn = self._conn
+        if conn is None or self._length is None:
+            return b"".join([piece async for piece in self])
         try:
-            return await _with_timeout(coro, self._read_timeout, httpx.ReadTimeout, self._request)
-        except asyncio.IncompleteReadError:
-            raise httpx.RemoteProtocolError("peer closed connection mid-body", request=self._request) from None
-        except (ConnectionError, OSError) as err:
-            raise httpx.ReadError(str(err) or type(err).__name__, request=self._request) from None
+            if self._length:
+                async with asyncio.timeout(self._read_timeout):
+                    body = await conn.reader.readexactly(self._length)
+            else:
+                body = b""
+        except _RAW_ERRORS as err:
+            self.close()
+            raise self._failure(err) from None
+        except BaseException:
+            self.close()
+            raise
+        self._finish()
+        return body
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        """The body in pieces as they arrive (chunked encoding removed)."""
         conn = self._conn
         if conn is None:
             return
-        reader = conn.reader
-        if self._chunked:
-            while True:
-                size_line = await self._read(reader.readuntil(b"\r\n"))
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError("bad chunk size", request=self._request) from None
-                if size == 0:
-                    # Trailers, if any, end with an empty line.
-                    while (await self._read(reader.readuntil(b"\r\n"))) != b"\r\n":
-                        pass
-                    break
-                data = await self._read(reader.readexactly(size + 2))
-                yield data[:-2]
-        elif self._length is not None:
-            remaining = self._length
-            while remaining > 0:
-                data = await self._read(reader.read(min(remaining, _READ_CHUNK)))
-                if not data:
-                    raise httpx.RemoteProtocolError("peer closed connection mid-body", request=self._request)
-                remaining -= len(data)
-                yield data
-        else:
-            self._keep_alive = False
-            while True:
-                data = await self._read(reader.read(_READ_CHUNK))
-                if not data:
-                    break
-                yield data
-        self._conn = None
-        self._transport._release(conn, self._keep_alive)
+        reader, timeout = conn.reader, self._read_timeout
+        try:
+            if self._chunked:
+                while True:
+                    async with asyncio.timeout(timeout):
+                        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+                        if size < 0:
+                            raise _Malformed("a negative chunk size")
+                        if 0 < size <= _READ_CHUNK:
+                            # The common case (an SSE event): the chunk and its CRLF in one read.
+                            data = await reader.readexactly(size + 2)
+                    if size == 0:
+                        async with asyncio.timeout(timeout):
+                            # Trailers, if any, end with an empty line.
+                            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                                pass
+                        break
+                    if size <= _READ_CHUNK:
+                        if data[-2:] != b"\r\n":
+                            raise _Malformed("a chunk did not end with CRLF")
+                        yield data[:-2]
+                        continue
+                    async for data in _exactly(reader, size, timeout):
+                        yield data
+                    async with asyncio.timeout(timeout):
+                        if await reader.readexactly(2) != b"\r\n":
+                            raise _Malformed("a chunk did not end with CRLF")
+            elif self._length is not None:
+                async for data in _exactly(reader, self._length, timeout):
+                    yield data
+            else:
+                # No framing: the body ends when the server closes the connection.
+                self._keep_alive = False
+                while True:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(_READ_CHUNK)
+                    if not data:
+                        break
+                    yield data
+        except _RAW_ERRORS as err:
+            self.close()
+            raise self._failure(err) from None
+        except BaseException:  # cancelled, or the consumer stopped early (GeneratorExit)
+            self.close()
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(conn, self._keep_alive)
+
+    def close(self) -> None:
+        """Drop the connection unless the body was read to the end (then it is already pooled)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            # Not read to the end: the connection's state is unknown, so it is not reused.
-            self._conn.close()
-            self._conn = None
+        self.close()
 
 
-class LeanTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 with keep-alive over asyncio streams (https through the ``ssl`` module)."""
+def _parse_head(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], int | None, bool, bool]:
+    """Status, headers, content length (None: chunked or until close), chunked, keep-alive."""
+    lines = raw[:-4].split(b"\r\n")
+    version, code = lines[0].split(b" ", 2)[:2]
+    if not version.startswith(b"HTTP/1."):
+        raise ValueError("not HTTP/1.x")
+    status = int(code)
+    headers = []
+    length: int | None = None
+    chunked = False
+    connection = b""
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip(), value.strip()
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            length = int(value)
+            if length < 0:
+                raise ValueError("negative content-length")
+        elif lower == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif lower == b"connection":
+            connection = value.lower()
+    keep_alive = connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
+    return status, headers, None if chunked else length, chunked, keep_alive
 
-    def __init__(self, max_idle_per_origin: int = 256, verify: bool | ssl.SSLContext = True) -> None:
-        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections per origin; the most recently used is reused first."""
+
+    def __init__(self, failures: Failures, *, max_idle_per_origin: int = 256,
+                 verify: bool | ssl.SSLContext = True) -> None:
+        self.failures = failures
+        self._idle: dict[Origin, list[_Connection]] = {}
         self._max_idle = max_idle_per_origin
-        if isinstance(verify, ssl.SSLContext):
-            self._ssl: ssl.SSLContext | None = verify
-        else:
-            self._ssl = None
-            self._verify = verify
+        self._ssl = verify if isinstance(verify, ssl.SSLContext) else None
+        self._verify = verify
         self._closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -148,31 +256,148 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return self._ssl
 
     def _release(self, conn: _Connection, keep_alive: bool) -> None:
-        idle = self._idle.setdefault(conn.origin, deque())
-        if keep_alive and not self._closed and len(idle) < self._max_idle and not conn.reader.at_eof():
+        idle = self._idle.setdefault(conn.origin, [])
+        if keep_alive and not self._closed and len(idle) < self._max_idle and conn.usable:
             idle.append(conn)
         else:
             conn.close()
 
-    async def _connect(self, request: httpx.Request, origin: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, origin: Origin, timeout: float | None, ctx: Any) -> _Connection:
         scheme, host, port = origin
-        connect_timeout, _, _ = _timeouts(request)
+        # asyncio.timeout rather than wait_for: wait_for can swallow a cancellation that races with
+        # completion, and a lost cancellation means a request left running on the server.
+        deadline = asyncio.timeout(timeout)
         try:
-            reader, writer = await _with_timeout(
-                asyncio.open_connection(host, port, ssl=self._ssl_context() if scheme == "https" else None,
-                                        limit=_MAX_HEADER_BYTES * 4),
-                connect_timeout,
-                httpx.ConnectTimeout,
-                request,
-            )
-        except (OSError, ssl.SSLError) as err:
-            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {err}", request=request) from None
+            async with deadline:
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=self._ssl_context() if scheme == "https" else None, limit=_LIMIT
+                )
+        except (OverflowError, ValueError) as err:  # a port out of range, a malformed host
+            raise self.failures.connect(f"cannot connect to {host}:{port}: {err}", ctx) from None
+        except OSError as err:  # ssl.SSLError and TimeoutError included
+            if deadline.expired():
+                raise self.failures.connect_timeout(f"connecting to {host}:{port} timed out", ctx) from None
+            raise self.failures.connect(f"cannot connect to {host}:{port}: {err.strerror or err}", ctx) from None
         return _Connection(reader, writer, origin)
 
-    def _head(self, request: httpx.Request, body: bytes) -> bytes:
-        url = request.url
-        target = url.raw_path.decode("ascii")
-        lines = [f"{request.method} {target} HTTP/1.1"]
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes,
+        *,
+        connect_timeout: float | None,
+        write_timeout: float | None,
+        read_timeout: float | None,
+        ctx: Any = None,
+    ) -> PooledResponse:
+        """Send a request (``head`` is its complete head, blank line included) and read the response head.
+
+        ``ctx`` is handed to the :class:`Failures` factories. A pooled connection that the server
+        had closed before the request reached it is replaced by a fresh one, once per stale one.
+        """
+        failures = self.failures
+        if self._closed:
+            raise failures.connect("the connection pool is closed", ctx)
+        host, port = origin[1], origin[2]
+        idle = self._idle.get(origin)
+        while True:
+            conn: _Connection | None = None
+            while idle:
+                candidate = idle.pop()
+                if candidate.usable:
+                    conn = candidate
+                    break
+                candidate.close()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, connect_timeout, ctx)
+            sent = len(body) < _READ_CHUNK
+            try:
+                if sent:
+                    conn.writer.write(head + body)
+                else:
+                    conn.writer.write(head)
+                    conn.writer.write(body)
+                    async with asyncio.timeout(write_timeout):
+                        await conn.writer.drain()
+                    sent = True
+                async with asyncio.timeout(read_timeout):
+                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+                    # Interim 1xx responses (100 Continue, 103 Early Hints) precede the real one.
+                    while raw[9:10] == b"1" and raw[9:12] != b"101" and raw.startswith(b"HTTP/1."):
+                        raw = await conn.reader.readuntil(b"\r\n\r\n")
+                break
+            except TimeoutError:
+                # Before OSError, of which TimeoutError is a subclass: a slow server is not a stale
+                # connection, and the request must not be sent twice.
+                conn.close()
+                if not sent:
+                    raise failures.write_timeout(f"sending to {host}:{port} timed out", ctx) from None
+                raise failures.read_timeout(f"{host}:{port} did not answer within {read_timeout} s", ctx) from None
+            except asyncio.LimitOverrunError:
+                conn.close()
+                raise failures.protocol(f"{host}:{port} sent an oversized response head", ctx) from None
+            except (asyncio.IncompleteReadError, OSError) as err:
+                conn.close()
+                if reused and (not isinstance(err, asyncio.IncompleteReadError) or not err.partial):
+                    # A pooled connection the server had already closed: the request never reached
+                    # it, so it is safe to send again.
+                    idle = self._idle.get(origin)
+                    continue
+                if isinstance(err, asyncio.IncompleteReadError):
+                    raise failures.protocol(f"{host}:{port} closed the connection without a response",
+                                            ctx) from None
+                raise failures.broken(f"connection to {host}:{port} broke: {type(err).__name__}: {err}",
+                                      ctx) from None
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            status, headers, length, chunked, keep_alive = _parse_head(raw)
+        except ValueError:
+            conn.close()
+            raise failures.protocol(f"{host}:{port} sent an invalid response head: {raw[:80]!r}", ctx) from None
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            length, chunked = 0, False
+        return PooledResponse(self, conn, status, headers, length, chunked, keep_alive, read_timeout, ctx)
+
+    async def aclose(self) -> None:
+        """Close the idle connections; later requests fail, connections handed back are closed."""
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+
+def _httpx_error(cls: type[httpx.RequestError]) -> Callable[[str, Any], Exception]:
+    return lambda message, request: cls(message, request=request)
+
+
+HTTPX_FAILURES = Failures(
+    connect=_httpx_error(httpx.ConnectError),
+    connect_timeout=_httpx_error(httpx.ConnectTimeout),
+    write_timeout=_httpx_error(httpx.WriteTimeout),
+    read_timeout=_httpx_error(httpx.ReadTimeout),
+    broken=_httpx_error(httpx.ReadError),
+    protocol=_httpx_error(httpx.RemoteProtocolError),
+)
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over :class:`ConnectionPool` (https through the ``ssl`` module).
+
+    httpx stays the client API (timeouts, headers, streaming bodies); failures are httpx's.
+    """
+
+    def __init__(self, max_idle_per_origin: int = 256, verify: bool | ssl.SSLContext = True) -> None:
+        self._pool = ConnectionPool(HTTPX_FAILURES, max_idle_per_origin=max_idle_per_origin, verify=verify)
+
+    @staticmethod
+    def _head(request: httpx.Request, body: bytes) -> bytes:
+        lines = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1"]
         has_length = False
         for name, value in request.headers.multi_items():
             lower = name.lower()
@@ -183,81 +408,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
             lines.append(f"{name}: {value}")
         if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
             lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise httpx.ConnectError("transport is closed", request=request)
         url = request.url
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         body = await request.aread()
-        payload = self._head(request, body)
-        _, read_timeout, write_timeout = _timeouts(request)
-        idle = self._idle.get(origin)
-        while True:
-            reused = bool(idle)
-            conn = idle.pop() if idle else await self._connect(request, origin)
-            try:
-                conn.writer.write(payload)
-                await _with_timeout(conn.writer.drain(), write_timeout, httpx.WriteTimeout, request)
-                head = await _with_timeout(
-                    conn.reader.readuntil(b"\r\n\r\n"), read_timeout, httpx.ReadTimeout, request
-                )
-                break
-            except (asyncio.IncompleteReadError, ConnectionError, OSError) as err:
-                conn.close()
-                if reused:
-                    # The server closed an idle connection before we used it: try a fresh one.
-                    idle = self._idle.get(origin)
-                    continue
-                if isinstance(err, asyncio.IncompleteReadError):
-                    raise httpx.RemoteProtocolError("server closed the connection without a response",
-                                                    request=request) from None
-                raise httpx.ReadError(str(err) or type(err).__name__, request=request) from None
-            except asyncio.LimitOverrunError:
-                conn.close()
-                raise httpx.RemoteProtocolError("response headers too large", request=request) from None
-            except BaseException:
-                conn.close()
-                raise
-        status, headers, length, chunked, keep_alive = self._parse_head(head, request)
-        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            length, chunked = 0, False
-        stream = _Body(self, conn, request, length, chunked, keep_alive, read_timeout)
-        return httpx.Response(status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"})
-
-    @staticmethod
-    def _parse_head(
-        head: bytes, request: httpx.Request
-    ) -> tuple[int, list[tuple[bytes, bytes]], int | None, bool, bool]:
-        lines = head[:-4].split(b"\r\n")
-        try:
-            version, code = lines[0].split(b" ", 2)[:2]
-            status = int(code)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad status line {lines[0][:80]!r}", request=request) from None
-        headers = []
-        length: int | None = None
-        chunked = False
-        keep_alive = version == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name, value = name.strip(), value.strip()
-            headers.append((name, value))
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lower == b"connection":
-                keep_alive = value.lower() != b"close"
-        if chunked:
-            length = None
-        return status, headers, length, chunked, keep_alive
+        timeout = request.extensions.get("timeout") or {}
+        response = await self._pool.request(
+            origin,
+            request.method,
+            self._head(request, body),
+            body,
+            connect_timeout=timeout.get("connect"),
+            write_timeout=timeout.get("write"),
+            read_timeout=timeout.get("read"),
+            ctx=request,
+        )
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=response,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
 
     async def aclose(self) -> None:
-        self._closed = True
-        for idle in self._idle.values():
-            while idle:
-                idle.pop().close()
-        self._idle.clear()
+        await self._pool.aclose()

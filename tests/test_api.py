@@ -64,3 +64,11 @@ async def wait_for(condition: Any, seconds: float = 5.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def test_one_backend_object_serves_two_sync_solves(fake_backend: Any) -> None:
+    server = fake_backend(length_mean=40, error_rate=0.0)
+    backend = OpenAIBackend(server.base_url)
+    # Each sync call runs its own event loop; pooled connections of the first must not be reused.
+    for _ in range(2):
+        assert markov_rsa.solve("What is 6 * 7?", backend=backend, **SMALL).answer == "42"

@@ -1,20 +1,17 @@
-"""A lean keep-alive HTTP/1.1 client for relaying requests to upstreams.
+"""The relay's client for upstreams: the shared keep-alive pool of ``markov_rsa._transport``, in the relay's terms.
 
-Pass-through is the proxy's hot path: it must add well under a millisecond per request. A general
-HTTP client spends more than that on bookkeeping (httpcore's pool scans every connection for every
-queued request, which grows with the square of the concurrency). This client does the one thing
-the relay needs: send a request with a known body over a pooled connection and hand back the
-response as it arrives, with the body de-chunked.
+Pass-through is the proxy's hot path: it must add well under a millisecond per request, which a
+general HTTP client does not (httpcore's pool scans every connection for every queued request).
+This layer only builds the request head, names failures the way routing and the 502/504 mapping
+need them, and gives responses a plain ``headers`` dict.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-_READ_SIZE = 65536
+from .._transport import ConnectionPool, Failures, PooledResponse
 
 
 class UpstreamConnectError(ConnectionError):
@@ -29,19 +26,14 @@ class UpstreamProtocolError(ConnectionError):
     """The connection broke or the server sent something that is not HTTP/1.1."""
 
 
-class _Connection:
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @property
-    def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
-
-    def close(self) -> None:
-        self.writer.close()
+_FAILURES = Failures(
+    connect=lambda message, _: UpstreamConnectError(message),
+    connect_timeout=lambda message, _: UpstreamConnectError(message),
+    write_timeout=lambda message, _: UpstreamTimeout(message),
+    read_timeout=lambda message, _: UpstreamTimeout(message),
+    broken=lambda message, _: UpstreamProtocolError(message),
+    protocol=lambda message, _: UpstreamProtocolError(message),
+)
 
 
 class UpstreamResponse:
@@ -51,118 +43,26 @@ class UpstreamResponse:
     response is closed early, which tells the server to stop generating.
     """
 
-    __slots__ = ("_chunked", "_conn", "_done", "_keep_alive", "_length", "_pool", "_timeout", "headers", "status")
+    __slots__ = ("_response", "headers", "status")
 
-    def __init__(
-        self,
-        pool: OriginPool,
-        conn: _Connection,
-        status: int,
-        headers: dict[str, str],
-        timeout: float,
-        http10: bool = False,
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self._pool = pool
-        self._conn: _Connection | None = conn
-        self._timeout = timeout
-        length = headers.get("content-length")
-        self._length = int(length) if length is not None and length.isdigit() else None
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        connection = headers.get("connection", "").lower()
-        self._keep_alive = connection == "keep-alive" if http10 else connection != "close"
-        self._done = False
+    def __init__(self, response: PooledResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers = {
+            name.lower().decode("latin-1"): value.decode("latin-1") for name, value in response.raw_headers
+        }
 
     async def read(self) -> bytes:
         """The whole body."""
-        conn = self._conn
-        if conn is not None and self._length is not None and not self._chunked:
-            # The common case (a JSON answer) in one read call.
-            try:
-                async with asyncio.timeout(self._timeout):
-                    body = await conn.reader.readexactly(self._length) if self._length else b""
-            except BaseException as err:  # noqa: BLE001 - re-raised, translated; the connection must not be reused
-                self.close()
-                raise _translate(err) from None
-            self._finish()
-            return body
-        return b"".join([chunk async for chunk in self.iter_body()])
+        return await self._response.read()
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
+    def iter_body(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive (chunked encoding removed)."""
-        conn = self._conn
-        if conn is None or self._done:
-            return
-        reader = conn.reader
-        try:
-            if self._chunked:
-                while True:
-                    async with asyncio.timeout(self._timeout):
-                        line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                    if size == 0:
-                        async with asyncio.timeout(self._timeout):
-                            # Trailers, if any, end with an empty line.
-                            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                                pass
-                        break
-                    while size > 0:
-                        async with asyncio.timeout(self._timeout):
-                            piece = await reader.read(min(size, _READ_SIZE))
-                        if not piece:
-                            raise UpstreamProtocolError("connection closed inside a chunk")
-                        size -= len(piece)
-                        yield piece
-                    async with asyncio.timeout(self._timeout):
-                        await reader.readexactly(2)
-            elif self._length is not None:
-                left = self._length
-                while left > 0:
-                    async with asyncio.timeout(self._timeout):
-                        piece = await reader.read(min(left, _READ_SIZE))
-                    if not piece:
-                        raise UpstreamProtocolError("connection closed before the end of the body")
-                    left -= len(piece)
-                    yield piece
-            else:
-                # No framing: the body ends when the server closes the connection.
-                self._keep_alive = False
-                while True:
-                    async with asyncio.timeout(self._timeout):
-                        piece = await reader.read(_READ_SIZE)
-                    if not piece:
-                        break
-                    yield piece
-        except GeneratorExit:
-            self.close()
-            raise
-        except BaseException as err:  # noqa: BLE001 - re-raised, translated; the connection must not be reused
-            self.close()
-            raise _translate(err) from None
-        self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._pool._put_back(conn, self._keep_alive)
+        return self._response.__aiter__()
 
     def close(self) -> None:
         """Drop the connection unless the body was read to the end (then it is already pooled)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-
-def _translate(err: BaseException) -> BaseException:
-    if isinstance(err, (UpstreamTimeout, UpstreamProtocolError, UpstreamConnectError)):
-        return err
-    if isinstance(err, TimeoutError):
-        return UpstreamTimeout("the upstream stopped answering")
-    if isinstance(err, (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError, ValueError)):
-        return UpstreamProtocolError(f"{type(err).__name__}: {err}")
-    return err
+        self._response.close()
 
 
 class OriginPool:
@@ -179,26 +79,8 @@ class OriginPool:
             self.host_header = f"[{self.host}]:{self.port}"
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self._ssl = ssl.create_default_context() if self.tls else None
-        self._idle: list[_Connection] = []
-
-    async def _connect(self) -> _Connection:
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._ssl, limit=_READ_SIZE * 4
-                )
-        except TimeoutError:
-            raise UpstreamConnectError(f"connecting to {self.host}:{self.port} timed out") from None
-        except OSError as err:
-            raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: {err.strerror or err}") from None
-        return _Connection(reader, writer)
-
-    def _put_back(self, conn: _Connection, keep_alive: bool) -> None:
-        if keep_alive and conn.usable and len(self._idle) < self.max_idle:
-            self._idle.append(conn)
-        else:
-            conn.close()
+        self._origin = ("https" if self.tls else "http", self.host, self.port)
+        self._pool = ConnectionPool(_FAILURES, max_idle_per_origin=max_idle)
 
     async def request(
         self, method: str, target: str, headers: bytes, body: bytes | None, *, timeout: float
@@ -215,61 +97,17 @@ class OriginPool:
             + headers
             + b"\r\n"
         )
-        while True:
-            reused = False
-            conn: _Connection | None = None
-            while self._idle:
-                candidate = self._idle.pop()
-                if candidate.usable:
-                    conn, reused = candidate, True
-                    break
-                candidate.close()
-            if conn is None:
-                conn = await self._connect()
-            try:
-                conn.writer.write(head + payload if len(payload) < _READ_SIZE else head)
-                if len(payload) >= _READ_SIZE:
-                    conn.writer.write(payload)
-                    await conn.writer.drain()
-                async with asyncio.timeout(timeout):
-                    raw = await conn.reader.readuntil(b"\r\n\r\n")
-            except TimeoutError:
-                # Before OSError, of which TimeoutError is a subclass: a slow server is not a
-                # stale connection, and the request must not be sent twice.
-                conn.close()
-                raise UpstreamTimeout(f"{self.host}:{self.port} did not answer within {timeout:g} s") from None
-            except asyncio.LimitOverrunError:
-                conn.close()
-                raise UpstreamProtocolError(f"{self.host}:{self.port} sent an oversized response head") from None
-            except (asyncio.IncompleteReadError, OSError) as err:
-                conn.close()
-                if reused and (not isinstance(err, asyncio.IncompleteReadError) or not err.partial):
-                    # A pooled connection the server had already closed: the request never
-                    # reached it, so it is safe to send again on a fresh one.
-                    continue
-                raise UpstreamProtocolError(f"connection to {self.host}:{self.port} broke: {type(err).__name__}") from None
-            except BaseException:
-                conn.close()
-                raise
-            break
-        try:
-            status_line, _, rest = raw.partition(b"\r\n")
-            status = int(status_line.split(b" ", 2)[1])
-            parsed: dict[str, str] = {}
-            for line in rest.split(b"\r\n"):
-                if line:
-                    name, _, value = line.partition(b":")
-                    parsed[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        except (IndexError, ValueError):
-            conn.close()
-            raise UpstreamProtocolError(f"{self.host}:{self.port} sent an invalid HTTP response") from None
-        response = UpstreamResponse(self, conn, status, parsed, timeout, http10=status_line.startswith(b"HTTP/1.0"))
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            response._length = 0
-        return response
+        response = await self._pool.request(
+            self._origin,
+            method,
+            head,
+            payload,
+            connect_timeout=self.connect_timeout,
+            write_timeout=timeout,
+            read_timeout=timeout,
+        )
+        return UpstreamResponse(response)
 
     async def aclose(self) -> None:
         """Close the idle connections."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        await self._pool.aclose()
