@@ -14,7 +14,7 @@ SMALL = {"n": 3, "k": 2, "t": 2, "tail_tokens": 20, "max_tokens": 300, "seed": 1
 
 
 def test_sync_solve_with_run_dir(fake_backend: Any, tmp_path: Path) -> None:
-    server = fake_backend(length_mean=40, error_rate=0.0)
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0)
     events: list[str] = []
     result = markov_rsa.solve(
         "What is 6 * 7?", backend=server.base_url, run_dir=str(tmp_path), on_event=lambda e: events.append(e.type),
@@ -27,7 +27,7 @@ def test_sync_solve_with_run_dir(fake_backend: Any, tmp_path: Path) -> None:
 
 
 async def test_sync_solve_inside_a_running_loop(fake_backend: Any) -> None:
-    server = fake_backend(length_mean=40, error_rate=0.0)
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0)
     # A notebook calls the sync API with its own loop running: the run moves to a worker thread.
     result = markov_rsa.solve("What is 40 + 2?", backend=server.base_url, **SMALL)
     assert result.answer == "42"
@@ -67,7 +67,7 @@ async def wait_for(condition: Any, seconds: float = 5.0) -> None:
 
 
 def test_one_backend_object_serves_two_sync_solves(fake_backend: Any) -> None:
-    server = fake_backend(length_mean=40, error_rate=0.0)
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0)
     backend = OpenAIBackend(server.base_url)
     # Each sync call runs its own event loop; pooled connections of the first must not be reused.
     for _ in range(2):

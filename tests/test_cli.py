@@ -37,7 +37,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 
 
 def test_solve_json(fake_backend: Any) -> None:
-    server = fake_backend(length_mean=60, error_rate=0.0)
+    server = fake_backend(length_mean=60, error_rate=0.0, aggregation_error_rate=0.0)
     proc = cli(
         "solve", "What is 6 * 7?", "--backend", server.base_url, "--preset", "smoke", "--seed", "3", "--json"
     )
@@ -55,7 +55,7 @@ def test_solve_json(fake_backend: Any) -> None:
 
 
 def test_solve_plain_reads_stdin_and_prints_answer(fake_backend: Any) -> None:
-    server = fake_backend(length_mean=40, error_rate=0.0)
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0)
     proc = cli(
         "solve", "-", "--backend", server.base_url, "--n", "3", "--k", "2", "--t", "2", "--tail-tokens", "30",
         "--max-tokens", "200", stdin="What is 100 - 58?",
@@ -130,7 +130,7 @@ def test_serve_command_proxies_with_rsa(fake_backend: Any) -> None:
 
     import httpx
 
-    server = fake_backend(length_mean=40, error_rate=0.0)
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -33,7 +33,7 @@ def test_eval_accuracy_rises_over_rounds(fake_backend: Any, tmp_path: Path) -> N
 
 
 def test_eval_reports_bad_lines_and_runs_the_rest(fake_backend: Any, tmp_path: Path) -> None:
-    server = fake_backend(length_mean=30, error_rate=0.0)
+    server = fake_backend(length_mean=30, error_rate=0.0, aggregation_error_rate=0.0)
     dataset = tmp_path / "mixed.jsonl"
     dataset.write_text(
         '{"id": "a", "problem": "What is 2 + 3?", "answer": "5"}\n'
@@ -43,7 +43,7 @@ def test_eval_reports_bad_lines_and_runs_the_rest(fake_backend: Any, tmp_path: P
     )
     out = tmp_path / "out"
     proc = cli("eval", str(dataset), "--backend", server.base_url, "--n", "2", "--k", "2", "--t", "2",
-               "--tail-tokens", "20", "--max-tokens", "200", "-q", "--out", str(out))
+               "--tail-tokens", "20", "--max-tokens", "200", "--seed", "1", "-q", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "mixed.jsonl:2" in proc.stderr and "problem" in proc.stderr
     assert "mixed.jsonl:3" in proc.stderr and "not JSON" in proc.stderr
