@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -25,18 +25,9 @@ MARKER = "[... earlier reasoning truncated ...]"
 
 
 @pytest.fixture
-def backend() -> Iterator[Callable[..., FakeBackend]]:
-    """Start simulated backends with the given config fields; all are stopped after the test."""
-    started: list[FakeBackend] = []
-
-    def start(**config: Any) -> FakeBackend:
-        server = FakeBackend(FakeBackendConfig(**config)).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def backend(fake_backend: Callable[..., FakeBackend]) -> Callable[..., FakeBackend]:
+    """The shared simulated-backend factory (conftest), under this module's name for it."""
+    return fake_backend
 
 
 async def chat(server: FakeBackend, timeout: float = 10.0, **body: Any) -> httpx.Response:

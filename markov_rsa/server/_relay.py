@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from starlette.responses import Response
 
+from .._http import error_message
 from .._routing import Upstream, UpstreamPool
 from .._types import Usage
 from ._errors import APIError, is_openai_error
@@ -211,9 +212,5 @@ def upstream_failure(status: int, body: bytes, upstream: str) -> Response:
 
 def _message(parsed: Any, body: bytes) -> str:
     if isinstance(parsed, dict):
-        inner = parsed.get("error", parsed)
-        if isinstance(inner, dict):
-            return str(inner.get("message") or inner.get("detail") or json.dumps(inner)[:300])
-        if isinstance(inner, str):
-            return inner
+        return error_message(parsed)
     return body[:300].decode(errors="replace") or "no body"
