@@ -203,6 +203,8 @@ async def run_solve(
 ) -> RSAResult:
     """Run one solve with a progress display, logging it when asked."""
     try:
+        if show_progress and not isinstance(backend, OpenAIBackend):
+            Console(stderr=True).print(f"[dim]loading {backend.name}...[/dim]")
         await check_backend(backend)
         log = RunLog(run_dir, resuming=resume is not None) if run_dir else None
         display = ProgressDisplay(Console(stderr=True)) if show_progress else None
