@@ -7,6 +7,7 @@ import inspect
 import json
 import re
 import time
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,7 +18,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from ._backend import Outcome
 from ._errors import BackendError, ConfigError
 from ._tokenizers import Tokenizer, local_tokenizer, tiktoken_tokenizer
-from ._transport import LeanTransport
+from ._transport import (
+    LeanTransport,
+    OriginPool,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from ._types import GenerationRequest, Trace, Usage
 
 T = TypeVar("T")
@@ -200,6 +207,12 @@ class OpenAIBackend:
             else None
         )
         auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.connect_timeout = connect_timeout
+        self._pools: dict[str, OriginPool] = {}
+        self._targets: dict[str, tuple[OriginPool, str]] = {}
+        block = "".join(f"{name}: {value}\r\n" for name, value in {**auth, **(headers or {})}.items())
+        self._plain_headers = (block + "Accept: application/json\r\n").encode("latin-1")
+        self._json_headers = self._plain_headers + b"Content-Type: application/json\r\n"
         self._client = httpx.AsyncClient(
             headers={**auth, **(headers or {})},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -218,38 +231,57 @@ class OpenAIBackend:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self._client.aclose()
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
+        self._targets.clear()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
+    def _target(self, url: str) -> tuple[OriginPool, str]:
+        """The pool of a URL's origin and the request target, parsed once per URL."""
+        known = self._targets.get(url)
+        if known is None:
+            parts = urlsplit(url)
+            origin = f"{parts.scheme}://{parts.netloc}"
+            pool = self._pools.get(origin)
+            if pool is None:
+                pool = self._pools[origin] = OriginPool(origin, connect_timeout=self.connect_timeout)
+            known = self._targets[url] = (pool, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+        return known
+
     async def _send(self, method: str, url: str, payload: Any | None = None, timeout: float | None = None) -> Any:
-        """One HTTP exchange; maps every failure to a :class:`BackendError` that says if it may be retried."""
+        """One HTTP exchange; maps every failure to a :class:`BackendError` that says if it may be retried.
+
+        JSON calls go straight to the keep-alive pool: httpx's request and response objects would
+        cost more CPU than everything else a rollout needs on this side.
+        """
+        pool, target = self._target(url)
+        data = json.dumps(payload).encode() if payload is not None else b""
+        headers = self._json_headers if payload is not None else self._plain_headers
         try:
-            kwargs: dict[str, Any] = {"json": payload} if payload is not None else {}
-            if timeout is not None:
-                kwargs["timeout"] = timeout
-            response = await self._client.request(method, url, **kwargs)
-        except httpx.TimeoutException as err:
-            raise BackendError(
-                f"{url}: timed out ({type(err).__name__})", retriable=True, timeout=True
-            ) from None
-        except httpx.TransportError as err:
+            response = await pool.request(method, target, headers, data, timeout=timeout or self.timeout)
+            raw = await response.read()
+        except UpstreamTimeout as err:
+            raise BackendError(f"{url}: timed out ({err})", retriable=True, timeout=True) from None
+        except (UpstreamConnectError, UpstreamProtocolError) as err:
             raise BackendError(f"{url}: connection failed ({type(err).__name__}: {err})", retriable=True) from None
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
             body = None
-        if response.status_code >= 400:
-            detail = error_message(body) if body is not None else response.text[:300]
+        if response.status >= 400:
+            detail = error_message(body) if body is not None else raw[:300].decode(errors="replace")
             raise BackendError(
-                f"{url} returned {response.status_code}: {detail}",
-                status=response.status_code,
-                retriable=response.status_code in _RETRY_STATUSES,
+                f"{url} returned {response.status}: {detail}",
+                status=response.status,
+                retriable=response.status in _RETRY_STATUSES,
                 body=body,
             )
         if body is None:
-            raise BackendError(f"{url}: malformed JSON in response: {response.text[:120]!r}", retriable=True)
+            raise BackendError(f"{url}: malformed JSON in response: {raw[:120]!r}", retriable=True)
         return body
 
     async def _post_json(self, url: str, payload: dict[str, Any]) -> Any:
