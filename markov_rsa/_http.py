@@ -53,6 +53,12 @@ def error_message(body: Any) -> str:
     return str(body)[:300]
 
 
+def status_error(url: str, status: int, raw: bytes, body: Any) -> BackendError:
+    """The error of an HTTP error status; retriable for 408, 409, 425, 429 and 5xx."""
+    detail = error_message(body) if body is not None else raw[:300].decode(errors="replace")
+    return BackendError(f"{url} returned {status}: {detail}", status=status, retriable=status in _RETRY_STATUSES, body=body)
+
+
 def parse_choice(choice: dict[str, Any]) -> tuple[str, str]:
     """``(reasoning, content)`` of a choice, whichever field the server put the reasoning in."""
     message = choice.get("message") or {}
@@ -273,13 +279,7 @@ class OpenAIBackend:
         except ValueError:
             body = None
         if response.status >= 400:
-            detail = error_message(body) if body is not None else raw[:300].decode(errors="replace")
-            raise BackendError(
-                f"{url} returned {response.status}: {detail}",
-                status=response.status,
-                retriable=response.status in _RETRY_STATUSES,
-                body=body,
-            )
+            raise status_error(url, response.status, raw, body)
         if body is None:
             raise BackendError(f"{url}: malformed JSON in response: {raw[:120]!r}", retriable=True)
         return body
@@ -458,13 +458,7 @@ class OpenAIBackend:
                         body: Any = json.loads(raw)
                     except ValueError:
                         body = None
-                    detail = error_message(body) if body is not None else raw[:300].decode(errors="replace")
-                    raise BackendError(
-                        f"{url} returned {response.status_code}: {detail}",
-                        status=response.status_code,
-                        retriable=response.status_code in _RETRY_STATUSES,
-                        body=body,
-                    )
+                    raise status_error(url, response.status_code, raw, body)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
