@@ -132,7 +132,11 @@ class UpstreamPool:
         if self._waiters:
             # Callers already waiting go first.
             return None
-        upstream = self._pick(exclude)
+        return self._lease(self._pick(exclude))
+
+    @staticmethod
+    def _lease(upstream: Upstream | None) -> Upstream | None:
+        """Count a call on the picked upstream (the one place leases are booked)."""
         if upstream is not None:
             upstream.outstanding += 1
             upstream.calls += 1
@@ -155,10 +159,8 @@ class UpstreamPool:
         try:
             while True:
                 await waiter
-                upstream = self._pick(exclude)
+                upstream = self._lease(self._pick(exclude))
                 if upstream is not None:
-                    upstream.outstanding += 1
-                    upstream.calls += 1
                     return upstream
                 # The freed slot was on an upstream this call may not use: wait again, first in line.
                 waiter = loop.create_future()
