@@ -34,6 +34,16 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def early_stop_line(stop: dict[str, Any]) -> str:
+    """What ``early_stop`` would have changed, computed from the same (full) runs."""
+    return (
+        f"early_stop {stop['threshold']:g}: {stop['stopped']} run(s) would stop early; "
+        f"final accuracy {stop['final_acc_without']:.3f} -> {stop['final_acc_with']:.3f}, "
+        f"tokens {stop['tokens_without']} -> {stop['tokens_with']} "
+        f"({stop['tokens_saved_fraction']:.1%} saved)"
+    )
+
+
 def run_eval(
     dataset: Path,
     params: RSAParams,
@@ -88,6 +98,8 @@ def run_eval(
     if out is not None:
         write_outputs(out, outcomes, summary)
     Console().print(summary_table(summary))
+    if "early_stop" in summary:
+        Console().print(early_stop_line(summary["early_stop"]), highlight=False)
     if out is not None:
         err.print(f"wrote {out / 'results.json'} and {out / 'problems.csv'}")
     return summary

@@ -21,7 +21,7 @@ from ._events import (
     RunStarted,
 )
 from ._http import OpenAIBackend
-from ._params import PARAM_NAMES, PRESETS, RSAParams, Selection, Task, params_from_env, resolve_params
+from ._params import PARAM_NAMES, PRESETS, RSAParams, Schedule, Selection, Task, params_from_env, resolve_params
 from ._prompts import aggregation_messages, load_template
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._runlog import LoggedRun, RunLog, read_run_log
@@ -62,6 +62,7 @@ __all__ = [
     "RunError",
     "RunFinished",
     "RunStarted",
+    "Schedule",
     "Selection",
     "SyncTokenizer",
     "Tail",

@@ -8,7 +8,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from ._events import (
     RunFinished,
     RunStarted,
 )
-from ._params import RSAParams, Selection
+from ._dispatch import Dispatcher
+from ._params import RSAParams, Schedule, Selection
 from ._prompts import aggregation_messages, problem_text
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._tails import make_tail
@@ -55,15 +56,37 @@ def call_seed(seed: int, round_index: int, slot: int) -> int:
     return (seed * 1_000_003 + round_index * 65_537 + slot) % (2**31 - 1)
 
 
-def draw_subsets(seed: int, round_index: int, survivors: Sequence[int], n: int, k: int) -> list[list[int]]:
+def draw_subsets(seed: int, round_index: int, survivors: Iterable[int], n: int, k: int) -> list[list[int]]:
     """For each of the ``n`` slots of ``round_index``, ``k`` distinct slots drawn from ``survivors``.
 
     The RNG is derived from (seed, round) alone, so a resumed run redraws exactly the same subsets.
     """
     rng = random.Random(f"markov-rsa:{seed}:{round_index}")
-    size = min(k, len(survivors))
     # random.sample order is kept: it is the candidates' order in the prompt, so no slot is always first.
-    return [rng.sample(list(survivors), size) for _ in range(n)]
+    pool = list(survivors)
+    size = min(k, len(pool))
+    return [rng.sample(pool, size) for _ in range(n)]
+
+
+def early_stop_share(votes: Sequence[tuple[str, int]], threshold: float) -> tuple[str, float] | None:
+    """The leading answer and its share of a round's answers when that share reaches ``threshold``.
+
+    A round with fewer than two answers never counts as a consensus.
+    """
+    counted = sum(count for _, count in votes)
+    if counted < 2:
+        return None
+    answer, count = votes[0]
+    share = count / counted
+    # Shares are ratios of small integers: a little slack keeps 3/4 >= 0.75 exact.
+    return (answer, share) if share + 1e-9 >= threshold else None
+
+
+def redraw_order(seed: int, round_index: int, slot: int, n: int, drawn: Sequence[int]) -> list[int]:
+    """The order in which slot ``slot`` of ``round_index`` tries replacements for a failed parent:
+    the previous round's other slots, shuffled by an RNG derived from (seed, round, slot)."""
+    rng = random.Random(f"markov-rsa:{seed}:{round_index}:{slot}:redraw")
+    return rng.sample([index for index in range(n) if index not in drawn], n - len(set(drawn)))
 
 
 class MarkovRSA:
@@ -155,6 +178,13 @@ class _Run:
         self.calls = 0
         self.tokenizer: Tokenizer | None = owner.tokenizer
         self.notes: list[str] = []
+        self.drawn: dict[int, list[list[int]]] = {}
+        self.round_started_at: dict[int, float] = {}
+        self.round_wall: dict[int, float] = {}
+        self.round_closed: list[asyncio.Future[None]] = []
+        self.done_by_round: Counter[int] = Counter()
+        self.failed_by_round: Counter[int] = Counter()
+        self.stopped_early: dict[str, Any] | None = None
 
     async def emit(self, event: Event) -> None:
         if self.on_event is None:
@@ -215,32 +245,171 @@ class _Run:
                 }
             )
         )
-        population: list[RolloutRecord] = []
-        summaries: list[RoundSummary] = []
-        for round_index in range(p.t):
-            self.progress.round = round_index
-            population = await self.run_round(round_index, population)
-            summaries.append(self.summarise(round_index, population))
-            await self.emit(RoundFinished(summaries[-1]))
+        population, summaries = await self.run_rounds()
         return await self.select(population, summaries)
 
-    def round_requests(self, round_index: int, previous: list[RolloutRecord]) -> list[RolloutRecord]:
-        """Empty records of the round's slots, with parents and tails shown; requests are built later."""
+    async def run_rounds(self) -> tuple[list[RolloutRecord], list[RoundSummary]]:
+        """Every slot of every round as its own task; a slot waits for what it needs (its parents
+        under ``dataflow``, the whole previous round under ``rounds``), then runs."""
         p = self.params
+        dispatcher = Dispatcher(self.owner.backend)
+        loop = asyncio.get_running_loop()
+        self.round_closed = [loop.create_future() for _ in range(p.t)]
+        slots: dict[tuple[int, int], asyncio.Task[RolloutRecord]] = {}
+        for round_index in range(p.t):
+            for slot in range(p.n):
+                slots[(round_index, slot)] = asyncio.create_task(self.run_slot(round_index, slot, dispatcher, slots))
+        population: list[RolloutRecord] = []
+        summaries: list[RoundSummary] = []
+        try:
+            for round_index in range(p.t):
+                self.progress.round = round_index
+                self.progress.done = self.done_by_round[round_index]
+                self.progress.failed = self.failed_by_round[round_index]
+                population = [await slots[(round_index, slot)] for slot in range(p.n)]
+                self.check_survivors(round_index, population)
+                self.round_wall[round_index] = time.perf_counter() - self.round_started_at.get(
+                    round_index, time.perf_counter()
+                )
+                summaries.append(self.summarise(round_index, population))
+                self.round_closed[round_index].set_result(None)
+                await self.emit(RoundFinished(summaries[-1]))
+                if self.consensus_reached(summaries[-1]):
+                    break
+        finally:
+            for task in slots.values():
+                task.cancel()
+            await dispatcher.aclose()
+            await asyncio.gather(*slots.values(), return_exceptions=True)
+            self.progress.in_flight = 0
+        return population, summaries
+
+    def subsets(self, round_index: int) -> list[list[int]]:
+        """The subsets drawn for a round (all slots of the previous round eligible), drawn once."""
+        drawn = self.drawn.get(round_index)
+        if drawn is None:
+            p = self.params
+            drawn = self.drawn[round_index] = draw_subsets(self.seed, round_index, range(p.n), p.n, p.k)
+        return drawn
+
+    async def choose_parents(
+        self, round_index: int, slot: int, slots: Mapping[tuple[int, int], asyncio.Task[RolloutRecord]]
+    ) -> list[RolloutRecord]:
+        """The parents of one aggregation: its drawn subset, each failed or excluded parent
+        replaced by a redraw seeded by (seed, round, slot).
+
+        Only the parents needed are waited for: the drawn ones, and for a replacement the
+        candidates in redraw order until one is usable, so the choice never depends on timing.
+        When fewer than K candidates of the round pass the verifier, it falls back to every
+        rollout that succeeded.
+        """
+        drawn = self.subsets(round_index)[slot]
+
+        async def parent(index: int) -> RolloutRecord:
+            return await slots[(round_index - 1, index)]
+
+        async def pick(usable: Callable[[RolloutRecord], bool]) -> list[RolloutRecord] | None:
+            chosen: list[RolloutRecord] = []
+            spares = iter(redraw_order(self.seed, round_index, slot, self.params.n, drawn))
+            for index in drawn:
+                record = await parent(index)
+                if usable(record):
+                    chosen.append(record)
+                    continue
+                for spare in spares:
+                    candidate = await parent(spare)
+                    if usable(candidate):
+                        chosen.append(candidate)
+                        break
+                else:
+                    return None
+            return chosen
+
+        verified = await pick(lambda r: r.ok and r.excluded is None)
+        if verified is not None:
+            return verified
+        # Fewer than K passed the verifier: the whole population that succeeded is the pool.
+        fallback = await pick(lambda r: r.ok)
+        if fallback is not None:
+            return fallback
+        # Fewer than K succeeded at all (allowed by min_survivors): show every one that did.
+        return [r for r in [await parent(i) for i in range(self.params.n)] if r.ok][: self.params.k]
+
+    async def run_slot(
+        self,
+        round_index: int,
+        slot: int,
+        dispatcher: Dispatcher,
+        slots: Mapping[tuple[int, int], asyncio.Task[RolloutRecord]],
+    ) -> RolloutRecord:
+        """Wait for what the slot needs, then reuse its logged rollout or generate it."""
+        p = self.params
+        seed = call_seed(self.seed, round_index, slot)
         if round_index == 0:
-            return [RolloutRecord(0, slot, None, call_seed(self.seed, 0, slot)) for slot in range(p.n)]
-        survivors = [r.slot for r in previous if r.ok]
-        tails = {r.slot: r.tail or "" for r in previous if r.ok}
-        return [
-            RolloutRecord(
-                round_index,
-                slot,
-                parents,
-                call_seed(self.seed, round_index, slot),
-                shown_tails=[tails[s] for s in parents],
+            record = RolloutRecord(0, slot, None, seed)
+        else:
+            if p.schedule == Schedule.rounds:
+                await self.round_closed[round_index - 1]
+            parents = await self.choose_parents(round_index, slot, slots)
+            record = RolloutRecord(
+                round_index, slot, [r.slot for r in parents], seed, shown_tails=[r.tail or "" for r in parents]
             )
-            for slot, parents in enumerate(draw_subsets(self.seed, round_index, survivors, p.n, p.k))
-        ]
+        need_tail = round_index + 1 < p.t or p.selection in (Selection.final_agg, Selection.auto)
+        await self.note_round_started(round_index)
+        done = self.existing.get((round_index, slot))
+        # A logged rollout is reused only if it aggregated the same parents this run chooses now;
+        # a failure is reused only from a round that had finished (it then shaped the next draw).
+        if done is not None and done.parents == record.parents:
+            if done.trace is not None:
+                self.account(done.trace)
+                await self.finish_trace(done, need_tail)
+            else:
+                self.failed += 1
+            self.count(done)
+            return done
+        self.progress.in_flight += 1
+        try:
+            outcome = await dispatcher.submit(self.request_for(record))
+        finally:
+            self.progress.in_flight -= 1
+        if isinstance(outcome, BackendError):
+            record.error = str(outcome)
+            record.failure = outcome
+            self.failed += 1
+            self.retries += outcome.attempts - 1
+            self.calls += 1
+            self.progress.calls = self.calls
+        else:
+            record.trace = outcome
+            record.answer = extract_answer(outcome.content or outcome.text, p.task.value)
+            self.account(outcome)
+        self.count(record)
+        await self.emit(RolloutFinished(record))
+        if record.trace is not None:
+            await self.finish_trace(record, need_tail)
+        return record
+
+    async def finish_trace(self, record: RolloutRecord, need_tail: bool) -> None:
+        """Cut the tail the next round is shown."""
+        if need_tail:
+            await self.attach_tail(record)  # never raises
+
+    async def note_round_started(self, round_index: int) -> None:
+        if round_index in self.round_started_at:
+            return
+        self.round_started_at[round_index] = time.perf_counter()
+        logged = sum(1 for (r, _) in self.existing if r == round_index)
+        await self.emit(RoundStarted(round_index, self.params.n - logged))
+
+    def count(self, record: RolloutRecord) -> None:
+        """Progress counters of the record's round (shown while that round is the oldest open one)."""
+        if record.ok:
+            self.done_by_round[record.round] += 1
+        else:
+            self.failed_by_round[record.round] += 1
+        if record.round == self.progress.round:
+            self.progress.done = self.done_by_round[record.round]
+            self.progress.failed = self.failed_by_round[record.round]
 
     def request_for(self, record: RolloutRecord) -> GenerationRequest:
         assert record.seed is not None
@@ -251,75 +420,48 @@ class _Run:
         )
         return self.request(messages, record.seed)
 
-    async def run_round(self, round_index: int, previous: list[RolloutRecord]) -> list[RolloutRecord]:
-        p = self.params
-        round_started = time.perf_counter()
-        planned = self.round_requests(round_index, previous)
-        records: dict[int, RolloutRecord] = {}
-        to_run: list[RolloutRecord] = []
-        for record in planned:
-            done = self.existing.get((round_index, record.slot))
-            # A logged rollout is reused only if it aggregated the same parents this run draws now;
-            # a failure is reused only from a round that had finished (it then shaped the next draw).
-            if done is not None and done.parents == record.parents:
-                records[record.slot] = done
-                if done.trace is not None:
-                    self.account(done.trace)
-                else:
-                    self.failed += 1
-            else:
-                to_run.append(record)
-        self.progress.done = len(records)
-        self.progress.failed = 0
-        self.progress.in_flight = len(to_run)
-        await self.emit(RoundStarted(round_index, len(to_run)))
-        need_tails = round_index + 1 < p.t or p.selection in (Selection.final_agg, Selection.auto)
-        failures: list[tuple[int, BackendError]] = []
-        tail_tasks = [asyncio.create_task(self.attach_tail(r)) for r in records.values()] if need_tails else []
-        async for index, outcome in self.owner.backend.generate([self.request_for(r) for r in to_run]):
-            record = to_run[index]
-            self.progress.in_flight -= 1
-            if isinstance(outcome, BackendError):
-                record.error = str(outcome)
-                failures.append((record.slot, outcome))
-                self.failed += 1
-                self.progress.failed += 1
-                self.retries += outcome.attempts - 1
-                self.calls += 1
-                self.progress.calls = self.calls
-            else:
-                record.trace = outcome
-                record.answer = extract_answer(outcome.content or outcome.text, p.task.value)
-                self.account(outcome)
-                self.progress.done += 1
-                if need_tails:
-                    # Tails are cut while the rest of the round is still generating, off the critical path.
-                    tail_tasks.append(asyncio.create_task(self.attach_tail(record)))
-            records[record.slot] = record
-            await self.emit(RolloutFinished(record))
-        if tail_tasks:
-            await asyncio.gather(*tail_tasks)  # attach_tail never raises
-        self.check_survivors(round_index, records, failures)
-        self.round_wall = time.perf_counter() - round_started
-        return [records[slot] for slot in sorted(records)]
-
-    def check_survivors(
-        self, round_index: int, records: dict[int, RolloutRecord], failures: list[tuple[int, BackendError]]
-    ) -> None:
+    def check_survivors(self, round_index: int, records: list[RolloutRecord]) -> None:
+        failures = [(r.slot, r.failure or BackendError(r.error or "failed")) for r in records if not r.ok]
         if not failures:
             return
-        survivors = sum(1 for r in records.values() if r.ok)
+        survivors = sum(1 for r in records if r.ok)
         needed = max(1, int(self.params.min_survivors * len(records) + 0.999999))
         if survivors >= needed:
             return
         reasons = Counter(_short_reason(err) for _, err in failures)
         summary = "; ".join(f"{count}x {reason}" for reason, count in reasons.most_common(3))
-        slots = ", ".join(str(slot) for slot, _ in sorted(failures)[:16])
+        slots = ", ".join(str(slot) for slot, _ in sorted(failures, key=lambda f: f[0])[:16])
         raise RunError(
             f"round {round_index}: {len(failures)} of {len(records)} rollouts failed "
             f"(slots {slots}); {survivors} survived, {needed} needed: {summary}",
             failures=[err for _, err in failures],
         )
+
+    def consensus_reached(self, summary: RoundSummary) -> bool:
+        """Whether ``early_stop`` ends the run after this round (never after the last one).
+
+        Later rounds are then skipped; under dataflow their rollouts already in flight are cancelled.
+        """
+        p = self.params
+        if p.early_stop is None or summary.round + 1 >= p.t:
+            return False
+        stop = early_stop_share(summary.votes, p.early_stop)
+        if stop is None:
+            return False
+        answer, share = stop
+        skipped = p.t - 1 - summary.round
+        self.stopped_early = {
+            "round": summary.round,
+            "answer": answer,
+            "share": round(share, 4),
+            "threshold": p.early_stop,
+            "skipped_rounds": skipped,
+        }
+        self.notes.append(
+            f"stopped after round {summary.round}: {share:.0%} of its answers agree on {answer} "
+            f"(early_stop {p.early_stop:g}); {skipped} later round(s) skipped"
+        )
+        return True
 
     def summarise(self, round_index: int, population: list[RolloutRecord]) -> RoundSummary:
         usage = Usage()
@@ -337,7 +479,7 @@ class _Run:
             calls=len(population),
             failed=sum(1 for r in population if not r.ok),
             retries=retries,
-            wall_s=self.round_wall,
+            wall_s=self.round_wall[round_index],
             votes=vote(answers, self.params.task.value).tally,
         )
 
@@ -391,6 +533,7 @@ class _Run:
             finish_reason=final_trace.finish_reason,
             timings={"total_s": elapsed, **{f"round_{s.round}_s": s.wall_s for s in summaries}},
             notes=self.notes,
+            stopped_early=self.stopped_early,
         )
         await self.emit(RunFinished(result))
         return result

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._answers import answers_equivalent
 from ._backend import Backend
-from ._controller import MarkovRSA
+from ._controller import MarkovRSA, early_stop_share
 from ._errors import ConfigError, MarkovRSAError
 from ._params import RSAParams, Task
 from ._result import RSAResult
@@ -124,6 +124,9 @@ async def evaluate(
 ) -> list[ProblemOutcome]:
     """Run every problem on one backend, so they share its concurrency budget.
 
+    ``params.early_stop`` does not stop these runs: every round runs, and :func:`summarise`
+    computes what stopping would have given from the per-round numbers of the same runs.
+
     With ``out_dir`` each problem's run is logged under ``out_dir/runs/ID``; with ``resume`` the
     finished ones are read back and the unfinished ones resumed from their logs.
     """
@@ -133,7 +136,7 @@ async def evaluate(
 
     async def one(problem: Problem) -> ProblemOutcome:
         async with gate:
-            run_params = params.model_copy(update={"task": problem.task})
+            run_params = params.model_copy(update={"task": problem.task, "early_stop": None})
             try:
                 result = await _solve_logged(problem, backend, run_params, runs_dir, resume)
                 outcome = score(problem, result)
@@ -193,6 +196,45 @@ def summarise(outcomes: list[ProblemOutcome], params: RSAParams, wall_s: float) 
         "wall_s": round(wall_s, 3),
         "params": params.model_dump(mode="json"),
         "rounds": rounds,
+        **({"early_stop": early_stop_counterfactual(done, params.early_stop)} if params.early_stop else {}),
+    }
+
+
+def early_stop_counterfactual(done: list[ProblemOutcome], threshold: float) -> dict[str, Any]:
+    """Accuracy and tokens with ``early_stop`` at ``threshold``, next to the full runs they come from.
+
+    A run stops after the first round (not the last) whose leading answer holds ``threshold`` of
+    its answers; its answer is then that round's majority and its tokens those of the rounds up
+    to it (plus any final aggregation call, which runs either way).
+    """
+    stop_rounds: dict[int, int] = {}
+    correct_with: list[float] = []
+    tokens_with = tokens_without = 0
+    for outcome in done:
+        assert outcome.result is not None
+        rounds = outcome.result.rounds
+        total = outcome.result.usage.total_tokens
+        outside_rounds = total - sum(r.usage.total_tokens for r in rounds)
+        stop = next(
+            (r.round for r in rounds[:-1] if early_stop_share(r.votes, threshold) is not None), None
+        )
+        tokens_without += total
+        if stop is None:
+            tokens_with += total
+            correct_with.append(float(outcome.final_correct))
+            continue
+        stop_rounds[stop] = stop_rounds.get(stop, 0) + 1
+        tokens_with += outside_rounds + sum(r.usage.total_tokens for r in rounds[: stop + 1])
+        correct_with.append(float(outcome.majority_by_round[stop]))
+    return {
+        "threshold": threshold,
+        "stopped": sum(stop_rounds.values()),
+        "stop_rounds": {str(r): count for r, count in sorted(stop_rounds.items())},
+        "final_acc_without": _mean([float(o.final_correct) for o in done]),
+        "final_acc_with": _mean(correct_with),
+        "tokens_without": tokens_without,
+        "tokens_with": tokens_with,
+        "tokens_saved_fraction": round(1 - tokens_with / tokens_without, 4) if tokens_without else 0.0,
     }
 
 

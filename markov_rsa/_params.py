@@ -28,6 +28,15 @@ class Task(str, Enum):
     general = "general"
 
 
+class Schedule(str, Enum):
+    """When an aggregation call starts."""
+
+    dataflow = "dataflow"
+    """As soon as its own K parents have finished."""
+    rounds = "rounds"
+    """When the whole previous round has finished."""
+
+
 class RSAParams(BaseModel):
     """Every parameter of a Markovian RSA run.
 
@@ -62,6 +71,17 @@ class RSAParams(BaseModel):
         0.5, ge=0.0, le=1.0, description="Fraction of a round's rollouts that must succeed for the run to go on."
     )
 
+    schedule: Schedule = Field(
+        Schedule.dataflow,
+        description="dataflow: an aggregation starts as soon as its own K parents finished; "
+        "rounds: when the whole previous round finished. Same prompts and outputs either way.",
+    )
+    early_stop: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Skip later rounds once a round's leading answer holds this share of its answers; unset: off.",
+    )
     @model_validator(mode="after")
     def _check_k_le_n(self) -> RSAParams:
         if self.k > self.n:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._errors import BackendError
 from ._params import RSAParams
 from ._types import Trace, Usage
 
@@ -26,6 +27,10 @@ class RolloutRecord:
     tail_tokens: int | None = None
     shown_tails: list[str] | None = None
     """The parents' tails this aggregation was shown, in candidate order (None in round 0)."""
+    excluded: str | None = None
+    """Why the verifier excluded this trace from the aggregation pool and the vote (None: kept)."""
+    failure: BackendError | None = field(default=None, repr=False, compare=False)
+    """The error a failed rollout ended in (not logged; ``error`` holds its message)."""
 
     @property
     def ok(self) -> bool:
@@ -42,6 +47,8 @@ class RolloutRecord:
             "answer": self.answer,
             "error": self.error,
         }
+        if self.excluded is not None:
+            data["excluded"] = self.excluded
         if self.trace is not None:
             data.update(
                 finish_reason=self.trace.finish_reason,
@@ -110,6 +117,9 @@ class RSAResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """Things a user should know: a final aggregation that failed and fell back, dropped fields."""
+    stopped_early: dict[str, Any] | None = None
+    """Where and why ``early_stop`` ended the run (round, answer, share, threshold, skipped_rounds);
+    None when every round ran."""
 
     def to_dict(self, include_population: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (the CLI's ``--json`` output)."""
@@ -129,6 +139,7 @@ class RSAResult:
             "finish_reason": self.finish_reason,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
+            "stopped_early": self.stopped_early,
         }
         if include_population:
             data["population"] = [r.to_dict() for r in self.population]

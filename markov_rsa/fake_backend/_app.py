@@ -70,7 +70,7 @@ def _generation_endpoint(state: ServerState, kind: Literal["chat", "text"]) -> E
             job = build_job(state, kind, prompts, body, None if kind == "chat" else 16)
         except BadRequest as err:
             return error_response(err.status, str(err), err.param)
-        fault = state.draw_fault(number)
+        fault = state.draw_fault(number, body.get("seed"))
         if fault in ("5xx", "429"):
             assert fault is not None
             return fault_response(fault, number, state.config.seed)

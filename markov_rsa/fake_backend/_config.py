@@ -63,6 +63,10 @@ class FakeBackendConfig(BaseModel):
     fault_rate_malformed: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Probability of a 200 answer whose body is not valid JSON."
     )
+    fail_seeds: list[int] = Field(
+        default_factory=list,
+        description="Request seeds always answered with HTTP 500: rollouts that fail however often they are retried.",
+    )
     support_token_ids: bool = Field(default=True, description="Honour return_token_ids as vLLM does.")
     reject_fields: list[str] = Field(
         default_factory=list, description="Request fields answered with HTTP 400, as OpenAI does for top_k."

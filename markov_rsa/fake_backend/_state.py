@@ -117,9 +117,13 @@ class ServerState:
             del stats.requests_log[0]
         return number
 
-    def draw_fault(self, number: int) -> str | None:
-        """The fault injected into request ``number``, each kind drawn independently, in a fixed order."""
+    def draw_fault(self, number: int, seed: object = None) -> str | None:
+        """The fault injected into request ``number`` (carrying ``seed``): a 5xx for seeds in
+        ``fail_seeds``, else each kind drawn independently, in a fixed order."""
         config = self.config
+        if seed in config.fail_seeds:
+            self.stats.faults["5xx"] += 1
+            return "5xx"
         rates = (
             config.fault_rate_5xx,
             config.fault_rate_429,
