@@ -27,12 +27,13 @@ from ._events import (
     RunStarted,
 )
 from ._dispatch import Dispatcher
-from ._params import RSAParams, Schedule, Selection
+from ._params import RSAParams, Schedule, Selection, Verifier
 from ._prompts import aggregation_messages, problem_text
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._tails import make_tail
 from ._tokenizers import Tokenizer, tiktoken_tokenizer
 from ._types import GenerationRequest, Message, Trace, Usage
+from ._verifier import CandidateVerifier, effective_verifier
 
 Problem = str | Sequence[Message]
 
@@ -185,6 +186,8 @@ class _Run:
         self.done_by_round: Counter[int] = Counter()
         self.failed_by_round: Counter[int] = Counter()
         self.stopped_early: dict[str, Any] | None = None
+        checks = effective_verifier(self.params.verifier, self.params.task)
+        self.verifier = CandidateVerifier(checks) if checks != Verifier.off else None
 
     async def emit(self, event: Event) -> None:
         if self.on_event is None:
@@ -383,16 +386,23 @@ class _Run:
             record.trace = outcome
             record.answer = extract_answer(outcome.content or outcome.text, p.task.value)
             self.account(outcome)
-        self.count(record)
-        await self.emit(RolloutFinished(record))
         if record.trace is not None:
             await self.finish_trace(record, need_tail)
+        self.count(record)
+        await self.emit(RolloutFinished(record))
         return record
 
     async def finish_trace(self, record: RolloutRecord, need_tail: bool) -> None:
-        """Cut the tail the next round is shown."""
-        if need_tail:
-            await self.attach_tail(record)  # never raises
+        """Cut the tail the next round is shown, and run the verifier."""
+        assert record.trace is not None
+        steps = [self.attach_tail(record)] if need_tail else []  # attach_tail never raises
+        if self.verifier is not None:
+            steps.append(self.verify(record))
+        await asyncio.gather(*steps)
+
+    async def verify(self, record: RolloutRecord) -> None:
+        assert record.trace is not None and self.verifier is not None
+        record.excluded = await self.verifier.check(record.trace, record.answer)
 
     async def note_round_started(self, round_index: int) -> None:
         if round_index in self.round_started_at:
@@ -471,6 +481,7 @@ class _Run:
                 usage.add(record.trace.usage)
                 retries += record.trace.attempts - 1
         answers = [r.answer for r in population]
+        pool = self.candidates(population)
         return RoundSummary(
             round=round_index,
             answers=answers,
@@ -480,12 +491,21 @@ class _Run:
             failed=sum(1 for r in population if not r.ok),
             retries=retries,
             wall_s=self.round_wall[round_index],
-            votes=vote(answers, self.params.task.value).tally,
+            votes=vote([r.answer for r in pool], self.params.task.value).tally,
+            excluded=sum(1 for r in population if r.ok and r.excluded is not None),
+            verifier_fallback=any(r.excluded is not None for r in pool),
         )
+
+    def candidates(self, population: list[RolloutRecord]) -> list[RolloutRecord]:
+        """The rollouts that vote and may be aggregated: those that succeeded and passed the
+        verifier, or all that succeeded when fewer than K passed."""
+        alive = [r for r in population if r.ok]
+        kept = [r for r in alive if r.excluded is None]
+        return kept if len(kept) >= min(self.params.k, len(alive)) else alive
 
     async def select(self, population: list[RolloutRecord], summaries: list[RoundSummary]) -> RSAResult:
         p = self.params
-        alive = [r for r in population if r.ok]
+        alive = self.candidates(population)
         tally = vote([r.answer for r in alive], p.task.value)
         method = p.selection
         if method == Selection.auto:

@@ -37,6 +37,18 @@ class Schedule(str, Enum):
     """When the whole previous round has finished."""
 
 
+class Verifier(str, Enum):
+    """Which candidates count as provably broken and leave the aggregation pool and the vote."""
+
+    off = "off"
+    math = "math"
+    """The final answer is missing or does not parse as math."""
+    code = "code"
+    """The last Python block does not run cleanly in a sandboxed subprocess (executes model output)."""
+    auto = "auto"
+    """``math`` for math problems, off otherwise (code execution is never switched on implicitly)."""
+
+
 class RSAParams(BaseModel):
     """Every parameter of a Markovian RSA run.
 
@@ -82,6 +94,12 @@ class RSAParams(BaseModel):
         le=1.0,
         description="Skip later rounds once a round's leading answer holds this share of its answers; unset: off.",
     )
+    verifier: Verifier = Field(
+        Verifier.off,
+        description="off | math | code | auto: exclude provably broken candidates from aggregation and the vote. "
+        "code runs model output on this host.",
+    )
+
     @model_validator(mode="after")
     def _check_k_le_n(self) -> RSAParams:
         if self.k > self.n:

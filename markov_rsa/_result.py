@@ -74,6 +74,11 @@ class RoundSummary:
     retries: int
     wall_s: float
     votes: list[tuple[str, int]]
+    """The vote over the round's candidates (those the verifier kept, unless it fell back)."""
+    excluded: int = 0
+    """Rollouts the verifier excluded from the aggregation pool and the vote."""
+    verifier_fallback: bool = False
+    """Fewer than K passed the verifier, so the whole population stayed in the pool."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -88,6 +93,8 @@ class RoundSummary:
             "retries": self.retries,
             "wall_s": round(self.wall_s, 4),
             "votes": [list(v) for v in self.votes],
+            "excluded": self.excluded,
+            "verifier_fallback": self.verifier_fallback,
         }
 
 

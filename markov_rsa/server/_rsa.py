@@ -21,6 +21,7 @@ from .._events import (
     RoundFinished,
     RoundStarted,
 )
+from .._params import Verifier
 from .._result import RSAResult
 from ._config import ServerConfig
 from ._errors import APIError, upstream_error
@@ -93,6 +94,14 @@ class RSAHandler:
         self.hide = tuple(hide)
 
     def _solver(self, request: RSARequest, model: str | None) -> MarkovRSA:
+        if request.params.verifier == Verifier.code and self.config.defaults.verifier != Verifier.code:
+            # It executes model output on this host: only the operator may switch it on.
+            raise APIError(
+                400,
+                "verifier 'code' runs model output on the server and is off here; the operator enables it "
+                "with the server's default verifier",
+                param="rsa.verifier",
+            )
         extra = dict(request.request_extra)
         if self.model_in_extra and model:
             extra["model"] = model
