@@ -28,6 +28,7 @@ from markov_rsa import (
 )
 from markov_rsa._runlog import LoggedRun, RunLog, read_run_log
 from markov_rsa.fake_backend import FakeBackendConfig
+from markov_rsa.upstream import DEFAULT_MAX_RESPONSE_BYTES
 from markov_rsa.fake_backend import serve as serve_fake_backend
 
 from ._options import model_options, with_signature
@@ -60,7 +61,12 @@ BACKEND_OPTIONS = [
     _option("api_key", Optional[str], None, "--api-key", envvar="MARKOV_RSA_API_KEY", help="Bearer key for the backend."),
     _option("concurrency", int, 64, "--concurrency", help="Max requests in flight."),
     _option("requests_per_second", Optional[float], None, "--rps", help="Max requests started per second."),
-    _option("timeout", float, 900.0, "--timeout", help="Seconds per request before it is retried."),
+    _option("timeout", float, 900.0, "--timeout",
+            help="Total seconds a request may take, from sending it to the last byte, before it is retried."),
+    _option("idle_timeout", Optional[float], None, "--idle-timeout",
+            help="Seconds a server may stay silent inside a response body (default: the --timeout)."),
+    _option("max_response_bytes", int, DEFAULT_MAX_RESPONSE_BYTES, "--max-response-bytes",
+            help="Largest response body read from the server; larger ones fail the call."),
     _option("max_retries", int, 4, "--max-retries", help="Retries per rollout on 429, 5xx and timeouts."),
     _option("tokenizer", Optional[str], None, "--tokenizer",
             help="Local tokenizer.json or model dir, for servers without /tokenize."),
@@ -137,6 +143,8 @@ def make_backend(
     concurrency: int,
     requests_per_second: float | None,
     timeout: float,
+    idle_timeout: float | None,
+    max_response_bytes: int,
     max_retries: int,
     tokenizer: str | None,
     device: str | None,
@@ -154,6 +162,8 @@ def make_backend(
         concurrency=concurrency,
         requests_per_second=requests_per_second,
         timeout=timeout,
+        idle_timeout=idle_timeout,
+        max_response_bytes=max_response_bytes,
         max_retries=max_retries,
         tokenizer=tokenizer,
     )

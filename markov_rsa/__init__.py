@@ -8,7 +8,7 @@ answer. See ``RSAParams`` for every parameter and ``MarkovRSA`` for the async AP
 from ._answers import VoteResult, answers_equivalent, extract_answer, normalize_answer, vote
 from ._backend import Backend, Outcome
 from ._controller import MarkovRSA, call_seed, draw_subsets, to_messages
-from ._errors import BackendError, ConfigError, MarkovRSAError, RunError
+from ._errors import BackendError, CallOutcome, ConfigError, ErrorKind, MarkovRSAError, RunError
 from ._events import (
     Event,
     FinalAggregationStarted,
@@ -39,7 +39,9 @@ __all__ = [
     "TRUNCATION_MARKER",
     "Backend",
     "BackendError",
+    "CallOutcome",
     "ConfigError",
+    "ErrorKind",
     "Event",
     "FinalAggregationStarted",
     "FinalDelta",

@@ -384,7 +384,8 @@ class _Run:
             self.progress.calls = self.calls
         else:
             record.trace = outcome
-            record.answer = extract_answer(outcome.content or outcome.text, p.task.value)
+            # Off the loop: a long trace takes long enough to scan to stall other requests.
+            record.answer = await asyncio.to_thread(extract_answer, outcome.content or outcome.text, p.task.value)
             self.account(outcome)
         if record.trace is not None:
             await self.finish_trace(record, need_tail)
@@ -516,7 +517,7 @@ class _Run:
         if method == Selection.final_agg:
             try:
                 final_trace = await self.final_aggregation(alive)
-                answer = extract_answer(final_trace.content or final_trace.text, p.task.value)
+                answer = await asyncio.to_thread(extract_answer, final_trace.content or final_trace.text, p.task.value)
             except BackendError as err:
                 self.notes.append(f"final aggregation failed ({_short_reason(err)}); fell back to majority")
                 method = Selection.majority

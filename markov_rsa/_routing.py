@@ -5,17 +5,17 @@ flight and whether it is healthy. Every call leases the healthy upstream with th
 outstanding (under a per-upstream cap). An upstream whose connection fails is taken out at once (a
 server that refuses connections will not start accepting them by the next request); one that keeps
 answering 5xx is taken out after a few in a row. A background probe puts it back as soon as its
-``/health`` (or ``/v1/models``) answers again.
+``/health`` (or ``/v1/models``) answers again (the probes are
+:class:`markov_rsa.upstream.UpstreamClient`'s; this module holds no HTTP code).
 
-:class:`RoutedBackend` is the HTTP backend on top of a pool: each attempt of each rollout goes to
-the pool's choice, so a retry after a failure lands on another replica.
+A single URL is a pool of one: the HTTP backend and the proxy's relay always route through a pool,
+and every attempt of every call goes to the pool's choice at that moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,15 +24,30 @@ from typing import Any
 
 import httpx
 
-from ._errors import BackendError, ConfigError
-from ._http import OpenAIBackend, root_url
-from ._types import GenerationRequest
+from ._errors import CallOutcome, ConfigError, ErrorKind, BackendError
 
-logger = logging.getLogger("markov_rsa.routing")
+CallObserver = Callable[["Upstream", CallOutcome], None]
+"""Told about every finished upstream call: ``(upstream, outcome)``."""
 
-CallObserver = Callable[["Upstream", str], None]
-"""Told about every finished upstream call: ``(upstream, outcome)`` with outcome ``ok``, ``client_error``
-(4xx), ``server_error`` (5xx), ``timeout``, ``connect_error`` or ``cancelled``."""
+
+def root_url(base_url: str) -> str:
+    """The server root of an OpenAI base URL (``http://h:8000/v1`` -> ``http://h:8000``); a path
+    prefix before ``/v1`` is kept (``http://h/prefix/v1`` -> ``http://h/prefix``)."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def check_url(url: str, param: str = "backend") -> str:
+    """``url`` without a trailing slash; :class:`ConfigError` unless it is an absolute http(s) URL."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{param} URL must start with http:// or https://, got {url!r}", param=param)
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as err:
+        raise ConfigError(f"invalid {param} URL {url!r}: {err}", param=param) from None
+    if not parsed.host or (parsed.port is not None and not 0 < parsed.port < 65536):
+        raise ConfigError(f"invalid {param} URL {url!r}: no host, or a port out of range", param=param)
+    return url.rstrip("/")
 
 
 @dataclass(eq=False)
@@ -41,6 +56,8 @@ class Upstream:
 
     base_url: str
     """The OpenAI base URL, e.g. ``http://10.0.0.5:8000/v1``."""
+    name: str = ""
+    """What clients and metrics call it: ``upstream 1`` or the configured name, never its address."""
     root: str = ""
     """The server root (``/tokenize`` and ``/health`` live there on vLLM)."""
     outstanding: int = 0
@@ -54,9 +71,12 @@ class Upstream:
         self.base_url = self.base_url.rstrip("/")
         self.root = root_url(self.base_url)
 
-    def to_dict(self) -> dict[str, Any]:
-        """State for ``/ready`` and logs."""
+    def to_dict(self, *, details: bool = True) -> dict[str, Any]:
+        """State for ``/ready`` and logs; without ``details`` only the name and health (no address)."""
+        if not details:
+            return {"name": self.name, "healthy": self.healthy}
         return {
+            "name": self.name,
             "url": self.base_url,
             "healthy": self.healthy,
             "outstanding": self.outstanding,
@@ -83,28 +103,26 @@ class UpstreamPool:
         probe_interval_s: float = 2.0,
         health_interval_s: float = 10.0,
         probe_timeout_s: float = 2.0,
-        headers: dict[str, str] | None = None,
         observer: CallObserver | None = None,
     ) -> None:
         if not urls:
             raise ConfigError("at least one upstream URL is needed", param="upstream")
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"upstream URL must start with http:// or https://, got {url!r}", param="upstream")
         if per_upstream_concurrency < 1:
             raise ConfigError("upstream concurrency must be at least 1", param="upstream_concurrency")
-        self.upstreams = [Upstream(url) for url in dict.fromkeys(u.rstrip("/") for u in urls)]
+        named: dict[str, str] = {}
+        for entry in urls:
+            name, url = _split_name(entry)
+            url = check_url(url, "upstream")
+            named.setdefault(url, name or f"upstream {len(named) + 1}")
+        self.upstreams = [Upstream(url, name) for url, name in named.items()]
         self.per_upstream_concurrency = per_upstream_concurrency
         self.failure_threshold = failure_threshold
         self.probe_interval_s = probe_interval_s
         self.health_interval_s = health_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.observer = observer
-        self._headers = dict(headers or {})
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._turn = 0
-        self._probe_task: asyncio.Task[None] | None = None
-        self._probe_client: httpx.AsyncClient | None = None
 
     # -- leasing ----------------------------------------------------------------------------------
 
@@ -149,7 +167,7 @@ class UpstreamPool:
         given back with :meth:`release`.
         """
         if len(exclude) >= len(self.upstreams):
-            raise BackendError("every upstream was tried and failed", retriable=True)
+            raise BackendError("no upstream could be reached", kind=ErrorKind.connect, retriable=True)
         upstream = self.try_acquire(exclude)
         if upstream is not None:
             return upstream
@@ -173,17 +191,21 @@ class UpstreamPool:
                 self._wake()
             raise
 
-    def release(self, upstream: Upstream, outcome: str = "ok", error: str | None = None) -> None:
-        """Give a lease back and record how the call ended (see :data:`CallObserver`)."""
+    def release(self, upstream: Upstream, outcome: CallOutcome = CallOutcome.ok, error: str | None = None) -> None:
+        """Give a lease back and record how the call ended (see :data:`CallObserver`).
+
+        A connection that could not be opened takes the upstream out at once; server errors and
+        broken answers count towards ``failure_threshold``; a success or a client error resets it.
+        """
         upstream.outstanding -= 1
-        if outcome == "connect_error":
+        if outcome is CallOutcome.connect_error:
             self.mark_down(upstream, error or "connection failed")
-        elif outcome == "server_error":
+        elif outcome in (CallOutcome.server_error, CallOutcome.protocol_error):
             upstream.consecutive_failures += 1
             upstream.last_error = error
             if upstream.consecutive_failures >= self.failure_threshold:
                 self.mark_down(upstream, error or "repeated server errors")
-        elif outcome in ("ok", "client_error"):
+        elif outcome in (CallOutcome.ok, CallOutcome.client_error):
             upstream.consecutive_failures = 0
         if self.observer is not None:
             self.observer(upstream, outcome)
@@ -214,147 +236,18 @@ class UpstreamPool:
         upstream.down_since = None
         self._wake()
 
-    def for_url(self, url: str) -> tuple[Upstream, str] | None:
-        """The upstream whose root ``url`` starts with, and the rest of the URL (the path)."""
-        for upstream in self.upstreams:
-            root = upstream.root
-            if url.startswith(root) and (len(url) == len(root) or url[len(root)] in "/?"):
-                return upstream, url[len(root) :]
-        return None
-
-    # -- health -----------------------------------------------------------------------------------
-
-    async def probe(self, upstream: Upstream) -> bool:
-        """Whether the upstream answers ``/health`` (vLLM, llama.cpp) or ``/v1/models`` (everyone)."""
-        client = self._probe_client
-        owned = client is None
-        if client is None:
-            client = httpx.AsyncClient(headers=self._headers, timeout=self.probe_timeout_s)
-        try:
-            for url in (f"{upstream.root}/health", f"{upstream.base_url}/models"):
-                try:
-                    response = await client.get(url)
-                except httpx.HTTPError as err:
-                    upstream.last_error = f"{url}: {type(err).__name__}"
-                    return False
-                if response.status_code == 200:
-                    return True
-            upstream.last_error = f"{url} returned {response.status_code}"
-            return False
-        finally:
-            if owned:
-                await client.aclose()
-
-    async def check(self) -> list[bool]:
-        """Probe every upstream now and update its health; True where it answered."""
-        results = await asyncio.gather(*(self.probe(u) for u in self.upstreams))
-        for upstream, ok in zip(self.upstreams, results):
+    def check_results(self, upstreams: Sequence[Upstream], results: Sequence[bool]) -> None:
+        """Update health from probe results (True: it answered)."""
+        for upstream, ok in zip(upstreams, results):
             if ok and not upstream.healthy:
                 self.mark_up(upstream)
             elif not ok:
                 self.mark_down(upstream, upstream.last_error or "health check failed")
-        return list(results)
-
-    async def _probe_loop(self) -> None:
-        last_full = time.monotonic()
-        while True:
-            await asyncio.sleep(self.probe_interval_s)
-            try:
-                if time.monotonic() - last_full >= self.health_interval_s:
-                    last_full = time.monotonic()
-                    await self.check()
-                    continue
-                down = [u for u in self.upstreams if not u.healthy]
-                if down:
-                    results = await asyncio.gather(*(self.probe(u) for u in down))
-                    for upstream, ok in zip(down, results):
-                        if ok:
-                            self.mark_up(upstream)
-            except Exception:  # a probe must never kill the loop that heals the pool
-                logger.debug("upstream probe failed", exc_info=True)
-
-    def start(self) -> None:
-        """Start the background health checks (needs a running event loop)."""
-        if self._probe_task is None:
-            self._probe_client = httpx.AsyncClient(headers=self._headers, timeout=self.probe_timeout_s)
-            self._probe_task = asyncio.create_task(self._probe_loop(), name="markov-rsa-upstream-probe")
-
-    async def aclose(self) -> None:
-        """Stop the health checks."""
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            await asyncio.gather(self._probe_task, return_exceptions=True)
-            self._probe_task = None
-        if self._probe_client is not None:
-            await self._probe_client.aclose()
-            self._probe_client = None
 
 
-def outcome_of(err: BaseException | None) -> str:
-    """The :data:`CallObserver` outcome of a call that ended with ``err`` (None: success)."""
-    if err is None:
-        return "ok"
-    if isinstance(err, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(err, BackendError):
-        if err.timeout:
-            return "timeout"
-        if err.status is None:
-            # An answer that was not JSON came from a live server; anything else without a
-            # status is a connection that failed.
-            return "server_error" if "malformed JSON" in str(err) else "connect_error"
-        return "server_error" if err.status >= 500 else "client_error"
-    if isinstance(err, httpx.TimeoutException):
-        return "timeout"
-    if isinstance(err, httpx.TransportError):
-        return "connect_error"
-    return "server_error"
-
-
-class RoutedBackend(OpenAIBackend):
-    """The HTTP backend over an :class:`UpstreamPool`.
-
-    Every HTTP exchange (chat completions, ``/models``, ``/tokenize``) is sent to the pool's choice
-    at that moment, so retries move to another replica and a replica that dies mid-run only costs
-    the calls it had in flight. The replicas must serve the same model with the same tokenizer.
-    A request whose ``extra`` carries a ``model`` asks for that model instead of the backend's.
-    """
-
-    def __init__(self, pool: UpstreamPool, model: str | None = None, api_key: str | None = None, **kwargs: Any) -> None:
-        concurrency = kwargs.pop("concurrency", pool.per_upstream_concurrency * len(pool.upstreams))
-        super().__init__(pool.upstreams[0].base_url, model, api_key, concurrency=concurrency, **kwargs)
-        self.pool = pool
-        self.name = ", ".join(u.base_url for u in pool.upstreams)
-
-    def _payload(self, request: GenerationRequest, model: str) -> dict[str, Any]:
-        payload = super()._payload(request, model)
-        requested = request.extra.get("model")
-        if isinstance(requested, str) and requested:
-            payload["model"] = requested
-        return payload
-
-    async def _send(self, method: str, url: str, payload: Any | None = None, timeout: float | None = None) -> Any:
-        target = self.pool.for_url(url)
-        if target is None:
-            return await super()._send(method, url, payload, timeout)
-        _, path = target
-        upstream = await self.pool.acquire()
-        error: BaseException | None = None
-        try:
-            return await super()._send(method, upstream.root + path, payload, timeout)
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            self.pool.release(upstream, outcome_of(error), str(error) if error is not None else None)
-
-    async def _stream_once(self, request: GenerationRequest, on_delta: Any, state: Any, url: str | None = None) -> Any:
-        upstream = await self.pool.acquire()
-        error: BaseException | None = None
-        try:
-            return await super()._stream_once(request, on_delta, state, url=f"{upstream.base_url}/chat/completions")
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            self.pool.release(upstream, outcome_of(error), str(error) if error is not None else None)
+def _split_name(entry: str) -> tuple[str | None, str]:
+    """``NAME=URL`` gives an upstream the name clients see; a bare URL is named by its position."""
+    name, sep, url = entry.partition("=")
+    if sep and "://" not in name and name.strip():
+        return name.strip(), url.strip()
+    return None, entry.strip()

@@ -13,6 +13,13 @@ _THINK_TAGS = re.compile(r"</?think>")
 # How far into a tail the cut may move to reach a line break; past this, a long unbroken line is
 # cut mid-line rather than losing most of the tail.
 _ALIGN_FRACTION = 0.25
+APPROXIMATE_MARGIN = 0.75
+"""Share of ``tail_tokens`` kept when the tokenizer only approximates the model's (tiktoken): a
+model's own tokens run up to ~30 % more than cl100k's on reasoning text, so a cut at 75 % stays
+within tau instead of over it."""
+# Characters per token that a window of the text's end is sized by: no tokenizer's tokens run
+# longer on average, so the window holds at least the tokens asked for (else it grows).
+_WINDOW_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -46,15 +53,32 @@ async def make_tail(trace: Trace, tail_tokens: int, tokenizer: Tokenizer, align_
     full = _strip_think(trace.text)
     if tail_tokens == 0:
         return Tail(full, len(trace.token_ids) if trace.token_ids else -1, False)
+    budget = tail_tokens if tokenizer.exact else max(1, int(tail_tokens * APPROXIMATE_MARGIN))
     if trace.token_ids is not None and tokenizer.decodes_backend_ids:
         ids = trace.token_ids
     else:
-        ids = await tokenizer.encode(full)
-    if len(ids) <= tail_tokens:
+        ids = await _encode_end(full, budget, tokenizer)
+    if len(ids) <= budget:
         return Tail(full, len(ids), False)
-    kept = _strip_think(await tokenizer.decode(ids[-tail_tokens:]))
+    kept = _strip_think(await tokenizer.decode(ids[-budget:]))
     if align_newline:
         kept = _align(kept)
     # The count is an upper bound once the cut moved to a line break; re-tokenizing to know it
     # exactly would cost a server round trip per trace.
-    return Tail(f"{TRUNCATION_MARKER}\n{kept}", tail_tokens, True)
+    return Tail(f"{TRUNCATION_MARKER}\n{kept}", budget, True)
+
+
+async def _encode_end(text: str, tokens: int, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the end of ``text``: enough of it to hold more than ``tokens`` tokens, or all of it.
+
+    A trace can be megabytes long; only its end is ever kept, so only a window of the end is
+    tokenized (the window's first token may be cut mid-word, far from what is kept).
+    """
+    window = (tokens + 1) * _WINDOW_CHARS_PER_TOKEN
+    while True:
+        if window >= len(text):
+            return await tokenizer.encode(text)
+        ids = await tokenizer.encode(text[-window:])
+        if len(ids) > tokens + 1:
+            return ids
+        window *= 4

@@ -17,7 +17,7 @@ class Tokenizer(Protocol):
     """Counts and cuts text in some model's tokens."""
 
     name: str
-    """What is used, for reports: ``remote:/tokenize``, ``local:PATH``, ``tiktoken:cl100k_base (approximate)``."""
+    """What is used, for reports: ``remote``, ``local``, ``tiktoken:cl100k_base (approximate)`` (never an address)."""
     exact: bool
     """True when these are the model's own tokens, so that tails measure exactly what the model will read."""
     decodes_backend_ids: bool
@@ -33,7 +33,11 @@ class Tokenizer(Protocol):
 
 
 class SyncTokenizer:
-    """Wraps a pair of synchronous encode/decode functions (cheap, in-process tokenizers)."""
+    """Wraps a pair of synchronous encode/decode functions (in-process tokenizers).
+
+    Every call runs in a worker thread: tokenizing a long trace takes long enough (tiktoken needs
+    about a second for 400 kB of text without spaces) to stall every other request on the loop.
+    """
 
     def __init__(
         self,
@@ -52,11 +56,11 @@ class SyncTokenizer:
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        return self._encode(text)
+        return await asyncio.to_thread(self._encode, text)
 
     async def decode(self, ids: list[int]) -> str:
         """Text of ``ids``."""
-        return self._decode(ids)
+        return await asyncio.to_thread(self._decode, ids)
 
 
 @functools.cache
@@ -90,7 +94,7 @@ def local_tokenizer(path: str | Path) -> SyncTokenizer:
 
             tok = HFTokenizer.from_file(str(path))
             return SyncTokenizer(
-                f"local:{path}",
+                "local",
                 lambda text: tok.encode(text, add_special_tokens=False).ids,
                 lambda ids: tok.decode(ids, skip_special_tokens=False),
                 exact=True,
@@ -106,7 +110,7 @@ def local_tokenizer(path: str | Path) -> SyncTokenizer:
         ) from None
     except Exception as err:  # noqa: BLE001 - any load failure is a user-facing config problem
         raise ConfigError(f"cannot load tokenizer from {path}: {err}", param="tokenizer") from None
-    return hf_tokenizer(hf, f"local:{path}")
+    return hf_tokenizer(hf, "local")
 
 
 def hf_tokenizer(hf: Any, name: str) -> SyncTokenizer:
@@ -118,8 +122,3 @@ def hf_tokenizer(hf: Any, name: str) -> SyncTokenizer:
         exact=True,
         decodes_backend_ids=True,
     )
-
-
-async def run_sync(func: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking tokenizer call off the event loop."""
-    return await asyncio.to_thread(func, *args)

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from markov_rsa import BackendError, GenerationRequest, MarkovRSA, RSAParams
-from markov_rsa._routing import RoutedBackend, UpstreamPool, outcome_of
+from markov_rsa import BackendError, CallOutcome, ErrorKind, GenerationRequest, MarkovRSA, OpenAIBackend, RSAParams
+from markov_rsa._errors import outcome_of
+from markov_rsa._routing import UpstreamPool
+from markov_rsa.upstream import UpstreamClient
 from markov_rsa.server import ServerConfig
 from markov_rsa.server._errors import APIError
 from markov_rsa.server._limits import RunLimiter
@@ -62,7 +64,7 @@ async def test_failing_upstreams_leave_rotation_and_all_down_still_routes() -> N
     pool = UpstreamPool(["http://a/v1", "http://b/v1"], failure_threshold=2)
     a, b = pool.upstreams
     lease = await pool.acquire()
-    pool.release(lease, "connect_error", "refused")
+    pool.release(lease, CallOutcome.connect_error, "refused")
     assert not lease.healthy
     other = a if lease is b else b
     for _ in range(3):
@@ -71,7 +73,7 @@ async def test_failing_upstreams_leave_rotation_and_all_down_still_routes() -> N
         pool.release(other)
     for _ in range(2):
         up = await pool.acquire()
-        pool.release(up, "server_error", "503")
+        pool.release(up, CallOutcome.server_error, "503")
     assert not a.healthy and not b.healthy
     # With nobody healthy, requests still go out (each one is a probe).
     assert (await pool.acquire()) in (a, b)
@@ -80,33 +82,51 @@ async def test_failing_upstreams_leave_rotation_and_all_down_still_routes() -> N
 async def test_probe_puts_an_upstream_back(fake_backend: Any) -> None:
     server = fake_backend()
     pool = UpstreamPool([server.base_url, closed_port_url()], probe_interval_s=0.05, health_interval_s=0.1)
+    client = UpstreamClient(pool)
     live, dead = pool.upstreams
     pool.mark_down(live, "test")
-    pool.start()
+    client.start()
     try:
-        for _ in range(100):
+        for _ in range(250):
             await asyncio.sleep(0.02)
             if live.healthy and not dead.healthy:
                 break
         assert live.healthy and not dead.healthy
+        # Names, not addresses, are what clients see.
+        assert (live.name, dead.name) == ("upstream 1", "upstream 2")
+        assert dead.to_dict(details=False) == {"name": "upstream 2", "healthy": False}
     finally:
-        await pool.aclose()
+        await client.aclose()
 
 
-def test_outcomes() -> None:
-    assert outcome_of(None) == "ok"
-    assert outcome_of(BackendError("x", status=400)) == "client_error"
-    assert outcome_of(BackendError("x", status=503, retriable=True)) == "server_error"
-    assert outcome_of(BackendError("x", retriable=True, timeout=True)) == "timeout"
-    assert outcome_of(BackendError("x: connection failed", retriable=True)) == "connect_error"
-    assert outcome_of(BackendError("x: malformed JSON in response", retriable=True)) == "server_error"
-    assert outcome_of(asyncio.CancelledError()) == "cancelled"
+def test_outcomes_and_client_statuses_come_from_the_kind() -> None:
+    cases = [
+        (BackendError("x", status=400), CallOutcome.client_error, 400),
+        (BackendError("x", status=503, retriable=True), CallOutcome.server_error, 502),
+        (BackendError("x", kind=ErrorKind.timeout, retriable=True), CallOutcome.timeout, 504),
+        (BackendError("x", kind=ErrorKind.connect, retriable=True), CallOutcome.connect_error, 502),
+        (BackendError("x", kind=ErrorKind.protocol, retriable=True), CallOutcome.protocol_error, 502),
+        (BackendError("x", kind=ErrorKind.too_large), CallOutcome.too_large, 502),
+        (BackendError("x", kind=ErrorKind.status, status=301), CallOutcome.client_error, 502),
+    ]
+    for err, outcome, status in cases:
+        assert (outcome_of(err), err.client_status) == (outcome, status)
+    assert outcome_of(None) is CallOutcome.ok
+    assert outcome_of(asyncio.CancelledError()) is CallOutcome.cancelled
+
+
+def test_named_upstreams() -> None:
+    pool = UpstreamPool(["gpu-a=http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1/"])
+    assert [(u.name, u.base_url, u.root) for u in pool.upstreams] == [
+        ("gpu-a", "http://10.0.0.1:8000/v1", "http://10.0.0.1:8000"),
+        ("upstream 2", "http://10.0.0.2:8000/v1", "http://10.0.0.2:8000"),
+    ]
 
 
 async def test_routed_backend_moves_past_a_dead_upstream(fake_backend: Any) -> None:
     server = fake_backend(length_mean=20)
     pool = UpstreamPool([closed_port_url(), server.base_url])
-    backend = RoutedBackend(pool, max_retries=3, backoff_base=0.01, backoff_max=0.02)
+    backend = OpenAIBackend(pool, max_retries=3, backoff_base=0.01, backoff_max=0.02)
     try:
         result = await MarkovRSA(backend, RSAParams(n=4, k=2, t=2, tail_tokens=16, max_tokens=100, seed=3)).solve(
             "What is 6 * 7?"
@@ -253,42 +273,41 @@ async def _serve_raw(handler: Any) -> tuple[asyncio.Server, str]:
 
 
 async def test_upstream_client_reuses_connections_and_dechunks() -> None:
-    from markov_rsa.server._upstream import OriginPool, UpstreamTimeout
-
     async def handler(path: str, body: bytes, writer: asyncio.StreamWriter, connections: int) -> bool:
-        if path == "/chunked":
+        if path == "/v1/chunked":
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             for piece in (b"data: one\n\n", b"data: two\n\n"):
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 await writer.drain()
-                await asyncio.sleep(0.01)
             writer.write(b"0\r\n\r\n")
             return True
-        if path == "/slow":
-            await asyncio.sleep(1)
+        if path == "/v1/slow":
+            await asyncio.sleep(5)
         reply = b"%d:%s" % (connections, body)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
         # "/once" answers and then closes, as a server whose keep-alive timeout ran out.
-        return path != "/once"
+        return path != "/v1/once"
 
     server, url = await _serve_raw(handler)
-    pool = OriginPool(url)
+    client = UpstreamClient(UpstreamPool([url + "/v1"]))
+
+    async def post(path: str, body: bytes, timeout: float | None = None) -> bytes:
+        async with await client.open("POST", path, content=body, timeout=timeout) as response:
+            return await response.read()
+
     try:
-        first = await pool.request("POST", "/echo", b"", b"a", timeout=5)
-        second = await pool.request("POST", "/echo", b"", b"b", timeout=5)
-        assert await first.read() == b"1:a"
-        assert await second.read() == b"2:b"  # the first connection was still busy
-        third = await pool.request("POST", "/echo", b"", b"c", timeout=5)
-        assert await third.read() in (b"1:c", b"2:c")  # reused
-        chunked = await pool.request("POST", "/chunked", b"", b"", timeout=5)
-        assert [piece async for piece in chunked.iter_body()] == [b"data: one\n\n", b"data: two\n\n"]
-        closing = await pool.request("POST", "/once", b"", b"d", timeout=5)
-        assert (await closing.read()).endswith(b":d")
-        await asyncio.sleep(0.05)
+        replies = [await post("/echo", body) for body in (b"a", b"b", b"c")]
+        assert replies == [b"1:a", b"1:b", b"1:c"]  # one keep-alive connection, reused
+        async with await client.open("POST", "/chunked", content=b"") as chunked:
+            assert b"".join([piece async for piece in chunked.iter_bytes()]) == b"data: one\n\ndata: two\n\n"
+        assert (await post("/once", b"d")).endswith(b":d")
         # The closed connection is dropped (or retried on a fresh one), never a failure.
-        assert (await (await pool.request("POST", "/echo", b"", b"e", timeout=5)).read()).endswith(b":e")
-        with pytest.raises(UpstreamTimeout):
-            await pool.request("POST", "/slow", b"", b"f", timeout=0.1)
+        assert (await post("/echo", b"e")).endswith(b":e")
+        with pytest.raises(BackendError) as caught:
+            await post("/slow", b"f", timeout=0.2)
+        assert caught.value.kind is ErrorKind.timeout and "upstream 1" in str(caught.value)
+        assert "127.0.0.1" not in str(caught.value)
+        assert client.pool.upstreams[0].outstanding == 0
     finally:
-        await pool.aclose()
+        await client.aclose()
         server.close()

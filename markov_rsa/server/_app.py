@@ -24,7 +24,9 @@ from starlette.types import Receive, Scope, Send
 
 from .._backend import Backend
 from .._errors import ConfigError
-from .._routing import RoutedBackend, UpstreamPool
+from .._http import OpenAIBackend
+from .._routing import UpstreamPool
+from ..upstream import UpstreamClient
 from ._config import ServerConfig
 from ._errors import APIError
 from ._limits import RunLimiter
@@ -120,6 +122,7 @@ class Proxy:
         # whichever byte differs.
         self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
         self.pool: UpstreamPool | None = None
+        self.client: UpstreamClient | None = None
         self.relay: Relay | None = None
         self.backend: Backend | None = None
         self.rsa: RSAHandler | None = None
@@ -133,30 +136,28 @@ class Proxy:
         if self.backend_factory is not None:
             self.backend = self.backend_factory()
         else:
-            headers = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else None
             self.pool = UpstreamPool(
                 config.upstreams,
                 per_upstream_concurrency=config.upstream_concurrency,
                 probe_interval_s=config.probe_interval_s,
                 health_interval_s=config.health_interval_s,
-                headers=headers,
                 observer=self.metrics.upstream_call,
             )
             self.metrics.watch_pool(self.pool)
-            self.relay = Relay(self.pool, self.metrics, timeout=config.upstream_timeout, api_key=config.upstream_api_key)
-            self.backend = RoutedBackend(
+            # One client for RSA calls, tokenizer calls, health probes and pass-through alike.
+            self.client = UpstreamClient(
                 self.pool,
-                config.model,
-                config.upstream_api_key,
+                api_key=config.upstream_api_key,
                 timeout=config.upstream_timeout,
-                max_retries=config.upstream_max_retries,
-                tokenizer=config.tokenizer,
+                idle_timeout=config.upstream_idle_timeout,
+                max_response_bytes=config.max_response_bytes,
             )
-            self.pool.start()
-        roots = [u.root for u in self.pool.upstreams] if self.pool is not None else []
-        self.rsa = RSAHandler(
-            config, self.backend, self.limiter, self.metrics, model_in_extra=self.pool is not None, hide=roots
-        )
+            self.relay = Relay(self.client, self.metrics)
+            self.backend = OpenAIBackend(
+                self.client, config.model, max_retries=config.upstream_max_retries, tokenizer=config.tokenizer
+            )
+            self.client.start()
+        self.rsa = RSAHandler(config, self.backend, self.limiter, self.metrics, model_in_extra=self.pool is not None)
 
     async def ensure_started(self) -> None:
         """Start on first use when the server ran without lifespan events (``--lifespan off``)."""
@@ -167,12 +168,10 @@ class Proxy:
 
     async def stop(self) -> None:
         """Close connections and stop health checks."""
-        if self.pool is not None:
-            await self.pool.aclose()
-        if self.relay is not None:
-            await self.relay.aclose()
         if self.backend is not None:
             await self.backend.aclose()
+        if self.client is not None:
+            await self.client.aclose()
 
     # -- request plumbing -------------------------------------------------------------------------
 
@@ -380,7 +379,8 @@ class Proxy:
             raw = await self._request_body(request)
             if self.relay is None:
                 raise APIError(404, f"{request.url.path} needs an upstream server")
-            return await self.relay.unary("POST", "/" + request.url.path, raw)
+            # Under the upstream's root, its path prefix kept (``http://h/prefix/v1`` -> ``/prefix/tokenize``).
+            return await self.relay.unary("POST", request.url.path, raw, root=True)
         except APIError as err:
             return err.response()
         except ClientDisconnected:
@@ -390,13 +390,26 @@ class Proxy:
         """GET /health: the proxy process is alive (no auth, no upstream call)."""
         return JSONResponse({"status": "ok"})
 
+    def _may_see_details(self, request: Request) -> bool:
+        """Whether upstream addresses and errors may be shown: no keys configured, or a valid key sent."""
+        try:
+            self.authorize(request.headers.get("authorization"))
+        except APIError:
+            return False
+        return True
+
     async def ready(self, request: Request) -> Response:
-        """GET /ready: 200 when at least one upstream answers its health check, else 503."""
+        """GET /ready: 200 when at least one upstream answers its health check, else 503.
+
+        Upstream addresses and last errors are shown only to callers with a valid key (when keys
+        are configured); others see each upstream's name and health.
+        """
         await self.ensure_started()
-        if self.pool is None:
-            return JSONResponse({"status": "ready", "backend": self.backend.name if self.backend else None})
-        results = await self.pool.check()
-        upstreams = [u.to_dict() for u in self.pool.upstreams]
+        if self.pool is None or self.client is None:
+            return JSONResponse({"status": "ready"})
+        results = await self.client.check()
+        details = self._may_see_details(request)
+        upstreams = [u.to_dict(details=details) for u in self.pool.upstreams]
         if any(results):
             return JSONResponse({"status": "ready", "upstreams": upstreams})
         return JSONResponse(
@@ -405,7 +418,7 @@ class Proxy:
         )
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        """GET /metrics: Prometheus text format."""
+        """GET /metrics: Prometheus text format (upstreams labelled by name, never by address)."""
         self.metrics.runs_active.set(self.limiter.running)
         self.metrics.runs_queued.set(self.limiter.queued)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .._params import RSAParams
+from ..upstream import DEFAULT_MAX_RESPONSE_BYTES
 
 MiB = 1024 * 1024
 
@@ -34,7 +35,15 @@ class ServerConfig(BaseModel):
     max_concurrent_runs: int = Field(16, ge=1, description="RSA runs executing at once.")
     max_queued_runs: int = Field(64, ge=0, description="RSA runs waiting for a slot; past it requests get 429.")
     upstream_concurrency: int = Field(64, ge=1, description="Requests in flight per upstream, RSA and pass-through.")
-    upstream_timeout: float = Field(900.0, gt=0, description="Seconds an upstream call may take before it times out.")
+    upstream_timeout: float = Field(
+        900.0, gt=0, description="Total seconds an upstream call may take, from request to last byte (504 past it)."
+    )
+    upstream_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds an upstream may stay silent inside a response body before the call fails."
+    )
+    max_response_bytes: int = Field(
+        DEFAULT_MAX_RESPONSE_BYTES, ge=1024, description="Largest upstream response body read (502 past it)."
+    )
     upstream_max_retries: int = Field(4, ge=0, description="Retries of an RSA rollout on 429, 5xx and timeouts.")
     log_prompts: bool = Field(False, description="Log request messages (off: prompts never reach the log).")
     rsa_by_default: bool = Field(True, description="Apply RSA to chat requests that do not say (rsa key absent).")

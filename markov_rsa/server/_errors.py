@@ -69,14 +69,12 @@ def upstream_error(err: BackendError | RunError, hide: Sequence[str] = ()) -> AP
     """
     failures = err.failures if isinstance(err, RunError) else [err]
     message = hide_upstreams(str(err), hide)
-    statuses = {f.status for f in failures}
-    if failures and len(statuses) == 1:
-        status = next(iter(statuses))
-        if status is not None and 400 <= status < 500:
-            body = failures[0].body
-            inner = body.get("error") if isinstance(body, dict) else None
-            param = inner.get("param") if isinstance(inner, dict) else None
-            return APIError(status, message, param=param if isinstance(param, str) else None, code=status)
-    if failures and all(f.timeout for f in failures):
-        return APIError(504, message, code="upstream_timeout")
-    return APIError(502, message, code="upstream_error")
+    # Each failure knows the status a client should see; a run whose failures disagree is a 502.
+    statuses = {f.client_status for f in failures}
+    status = statuses.pop() if len(statuses) == 1 else 502
+    if status < 500:
+        body = failures[0].body
+        inner = body.get("error") if isinstance(body, dict) else None
+        param = inner.get("param") if isinstance(inner, dict) else None
+        return APIError(status, message, param=param if isinstance(param, str) else None, code=status)
+    return APIError(status, message, code="upstream_timeout" if status == 504 else "upstream_error")

@@ -32,8 +32,8 @@ class _PoolCollector(Collector):
         )
         if pool is not None:
             for upstream in pool.upstreams:
-                healthy.add_metric([upstream.base_url], 1.0 if upstream.healthy else 0.0)
-                outstanding.add_metric([upstream.base_url], float(upstream.outstanding))
+                healthy.add_metric([upstream.name], 1.0 if upstream.healthy else 0.0)
+                outstanding.add_metric([upstream.name], float(upstream.outstanding))
         yield healthy
         yield outstanding
 
@@ -81,8 +81,8 @@ class Metrics:
         self._pool = pool
 
     def upstream_call(self, upstream: Upstream, outcome: str) -> None:
-        """Count one finished upstream call (the pool's observer)."""
-        key = (upstream.base_url, outcome)
+        """Count one finished upstream call (the pool's observer); upstreams are labelled by name."""
+        key = (upstream.name, str(outcome))
         child = self._upstream_children.get(key)
         if child is None:
             child = self._upstream_children[key] = self.upstream_calls.labels(*key)

@@ -1,4 +1,10 @@
-"""Pass-through: the client's request relayed to an upstream, the answer relayed back as it arrives."""
+"""Pass-through: the client's request relayed to an upstream, the answer relayed back as it arrives.
+
+Everything goes through the shared :class:`UpstreamClient` (the same pool, deadlines, size cap,
+proxies and TLS as RSA calls). Bodies are relayed decoded (``Content-Encoding`` is the client
+library's to undo, so none is forwarded). A 2xx whose body is not JSON (unary) or not an event
+stream (streamed) is an upstream failure, answered with an OpenAI-shaped 502.
+"""
 
 from __future__ import annotations
 
@@ -6,124 +12,78 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.responses import Response
 
-from .._http import error_message
-from .._routing import Upstream, UpstreamPool
+from .._errors import BackendError
 from .._types import Usage
-from ._errors import APIError, is_openai_error
+from ..upstream import UpstreamClient, UpstreamResponse, error_message, parse_json
+from ._errors import APIError, is_openai_error, upstream_error
 from ._metrics import Metrics
 from ._responses import ClosingStream
-from ._upstream import (
-    OriginPool,
-    UpstreamConnectError,
-    UpstreamProtocolError,
-    UpstreamResponse,
-    UpstreamTimeout,
-)
 
 _JSON = "application/json"
+_REQUEST_HEADERS = {"Content-Type": _JSON, "Accept": "*/*"}
 logger = logging.getLogger("markov_rsa.server")
 
 
+def api_error(err: BackendError) -> APIError:
+    """The client's answer to a failed upstream call (the error's own status, no address in it)."""
+    return upstream_error(err, err.private)
+
+
 class Relay:
-    """Forwards requests to the upstream the pool picks, over pooled keep-alive connections.
+    """Forwards requests to the upstream the pool picks.
 
     The client's body goes upstream as it came; the client's own ``Authorization`` never does (the
-    upstream key, if any, is the server's). A connection that could not even be opened is retried
-    on the next upstream, since nothing reached a server; anything later is not, since generation
-    may already have started.
+    upstream key, if any, is the server's). A connection that could not even be opened moves on to
+    the next upstream, since nothing reached a server; anything later is not retried, since
+    generation may already have started.
     """
 
-    def __init__(self, pool: UpstreamPool, metrics: Metrics, *, timeout: float, api_key: str | None = None) -> None:
-        self.pool = pool
+    def __init__(self, client: UpstreamClient, metrics: Metrics) -> None:
+        self.client = client
         self.metrics = metrics
-        self.timeout = timeout
-        headers = "Content-Type: application/json\r\nAccept: */*\r\n"
-        if api_key:
-            headers += f"Authorization: Bearer {api_key}\r\n"
-        self.headers = headers.encode("latin-1")
-        self.origins = {u.root: OriginPool(u.root, connect_timeout=min(timeout, 10.0)) for u in pool.upstreams}
-        # Request targets: the upstream's base path ("/v1") plus the endpoint.
-        self.prefixes = {u.root: urlsplit(u.base_url).path.rstrip("/") for u in pool.upstreams}
+        self._failover = metrics.upstream_retries.labels("passthrough").inc
 
-    async def aclose(self) -> None:
-        """Close the idle connections."""
-        for origin in self.origins.values():
-            await origin.aclose()
+    async def _open(self, method: str, path: str, content: bytes | None, root: bool) -> UpstreamResponse:
+        try:
+            return await self.client.open(method, path, content=content, headers=_REQUEST_HEADERS, root=root,
+                                          on_failover=self._failover)
+        except BackendError as err:
+            logger.warning("pass-through: %s", err)
+            raise api_error(err) from None
 
-    async def open(self, method: str, path: str, content: bytes | None) -> tuple[UpstreamResponse, Upstream]:
-        """Send the request upstream; the response with its head read, and the upstream's lease.
+    async def unary(self, method: str, path: str, content: bytes | None, *, count_usage: bool = False,
+                    root: bool = False) -> Response:
+        """Relay a request whose answer is one body.
 
         ``path`` is relative to the upstream's OpenAI base URL (``/chat/completions``), or to its
-        root when it starts with ``//`` (``//tokenize``).
+        root with ``root`` (``/tokenize``); either way the upstream's path prefix is kept.
         """
-        tried: set[int] = set()
-        while True:
-            upstream = self.pool.try_acquire() if not tried else None
-            if upstream is None:
-                upstream = await self.pool.acquire(frozenset(tried))
-            target = path[1:] if path.startswith("//") else self.prefixes[upstream.root] + path
-            try:
-                response = await self.origins[upstream.root].request(
-                    method, target, self.headers, content, timeout=self.timeout
-                )
-            except UpstreamConnectError as err:
-                logger.warning("pass-through: %s", err)
-                self.pool.release(upstream, "connect_error", str(err))
-                tried.add(self.pool.index(upstream))
-                if len(tried) < len(self.pool.upstreams):
-                    self.metrics.upstream_retries.labels("passthrough").inc()
-                    continue
-                raise APIError(502, "no upstream could be reached", code="upstream_error") from None
-            except UpstreamTimeout:
-                logger.warning("pass-through: %s timed out", upstream.base_url)
-                self.pool.release(upstream, "timeout", "timed out")
-                raise _timeout() from None
-            except UpstreamProtocolError as err:
-                logger.warning("pass-through: %s failed: %s", upstream.base_url, err)
-                self.pool.release(upstream, "connect_error", str(err))
-                raise APIError(502, "the upstream connection failed", code="upstream_error") from None
-            except BaseException:
-                self.pool.release(upstream, "cancelled")
-                raise
-            return response, upstream
-
-    def _outcome(self, status: int) -> str:
-        return "ok" if status < 400 else "client_error" if status < 500 else "server_error"
-
-    async def unary(self, method: str, path: str, content: bytes | None, *, count_usage: bool = False) -> Response:
-        """Relay a request whose answer is one body."""
-        response, upstream = await self.open(method, path, content)
-        error: str | None = None
+        response = await self._open(method, path, content, root)
         try:
-            body = await response.read()
-        except UpstreamTimeout:
-            error = "timeout"
-            logger.warning("pass-through: %s timed out", upstream.base_url)
-            raise _timeout() from None
-        except UpstreamProtocolError as err:
-            error = "connect_error"
-            logger.warning("pass-through: %s failed mid-response: %s", upstream.base_url, err)
-            raise APIError(502, "the upstream connection broke mid-response", code="upstream_error") from None
-        except BaseException:
-            error = "cancelled"
-            raise
-        finally:
-            response.close()
-            self.pool.release(upstream, error or self._outcome(response.status))
+            async with response:
+                body = await response.read()
+        except BackendError as err:
+            logger.warning("pass-through: %s", err)
+            raise api_error(err) from None
         status = response.status
         if status >= 400:
-            return upstream_failure(status, body, upstream.base_url)
-        if count_usage:
-            self._count_usage(body)
-        return Response(body, status, media_type=response.headers.get("content-type", _JSON))
-
-    def _count_usage(self, body: bytes) -> None:
+            return upstream_failure(status, body, response.upstream.name)
         try:
-            usage = Usage.from_dict(json.loads(body).get("usage"))
+            parsed = await parse_json(body) if status != 204 else None
+        except ValueError:
+            logger.warning("pass-through: %s answered %d with a body that is not JSON", response.where, status)
+            raise APIError(502, f"{response.upstream.name} answered {status} with a body that is not JSON "
+                           f"({response.content_type or 'no content type'})", code="upstream_error") from None
+        if count_usage:
+            self._count_usage(parsed)
+        return Response(body, status, media_type=_JSON)
+
+    def _count_usage(self, body: Any) -> None:
+        try:
+            usage = Usage.from_dict(body.get("usage"))
         except (ValueError, AttributeError, TypeError):
             return
         if usage.prompt_tokens:
@@ -136,62 +96,52 @@ class Relay:
     ) -> Response:
         """Relay a streamed answer piece by piece as the upstream sends it (SSE and all).
 
-        ``on_done`` gets 200 when the whole stream went through, 499 when the client left early.
+        ``on_done`` gets 200 when the whole stream went through, 499 when the client left early,
+        502/504 when the upstream failed mid-stream.
         """
-        response, upstream = await self.open(method, path, content)
-        if response.status >= 400:
+        response = await self._open(method, path, content, False)
+        if response.status >= 400 or response.content_type != "text/event-stream":
             try:
-                body = await response.read()
-            except (UpstreamTimeout, UpstreamProtocolError):
-                body = b""
-            finally:
-                response.close()
-                self.pool.release(upstream, self._outcome(response.status))
-            return upstream_failure(response.status, body, upstream.base_url)
-        state = {"outcome": "cancelled", "closed": False}
+                async with response:
+                    body = await response.read()
+            except BackendError as err:
+                raise api_error(err) from None
+            if response.status >= 400:
+                return upstream_failure(response.status, body, response.upstream.name)
+            logger.warning("pass-through: %s answered a stream request with %s", response.where, response.content_type)
+            raise APIError(502, f"{response.upstream.name} answered a stream request with "
+                           f"{response.content_type or 'no content type'}, not an event stream", code="upstream_error")
+        state: dict[str, Any] = {"status": 499, "closed": False, "error": None}
 
         async def relay() -> AsyncIterator[bytes]:
             try:
-                async for chunk in response.iter_body():
-                    yield chunk
-                state["outcome"] = "ok"
-            except UpstreamTimeout:
-                state["outcome"] = "timeout"
-                logger.warning("pass-through: %s timed out mid-stream", upstream.base_url)
-                yield _stream_error(504, "the upstream timed out mid-stream")
-            except UpstreamProtocolError as err:
-                state["outcome"] = "connect_error"
-                logger.warning("pass-through: %s failed mid-stream: %s", upstream.base_url, err)
-                yield _stream_error(502, "the upstream connection broke mid-stream")
+                async for piece in response.iter_bytes():
+                    yield piece
+                state["status"] = 200
+            except BackendError as err:
+                logger.warning("pass-through: %s", err)
+                state["error"] = err
+                error = api_error(err)
+                state["status"] = error.status
+                yield b"data: " + json.dumps(error.payload()).encode() + b"\n\ndata: [DONE]\n\n"
 
-        def close() -> None:
+        async def close() -> None:
             if state["closed"]:
                 return
             state["closed"] = True
             # Closing the upstream connection when the client left early is what tells the
             # upstream to stop generating.
-            response.close()
-            self.pool.release(upstream, str(state["outcome"]))
+            await response.aclose(state["error"])
             if on_done is not None:
-                on_done(499 if state["outcome"] == "cancelled" else 200)
+                on_done(state["status"])
 
         return ClosingStream(
             relay(),
             close,
             status_code=response.status,
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            media_type=response.headers.get("content-type", "text/event-stream"),
+            media_type="text/event-stream",
         )
-
-
-def _stream_error(status: int, message: str) -> bytes:
-    code = "upstream_timeout" if status == 504 else "upstream_error"
-    error = APIError(status, message, code=code).payload()
-    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
-
-
-def _timeout() -> APIError:
-    return APIError(504, "the upstream did not answer in time", code="upstream_timeout")
 
 
 def upstream_failure(status: int, body: bytes, upstream: str) -> Response:
@@ -203,10 +153,9 @@ def upstream_failure(status: int, body: bytes, upstream: str) -> Response:
     if status < 500:
         if is_openai_error(parsed):
             return Response(body, status, media_type=_JSON)
-        message = _message(parsed, body)
-        return APIError(status, message, code=status).response()
+        return APIError(status, _message(parsed, body), code=status).response()
     logger.warning("pass-through: %s returned %d: %s", upstream, status, _message(parsed, body))
-    message = f"the upstream returned {status}: {_message(parsed, body)}"
+    message = f"{upstream} returned {status}: {_message(parsed, body)}"
     return APIError(504 if status == 504 else 502, message, code="upstream_timeout" if status == 504 else "upstream_error").response()
 
 

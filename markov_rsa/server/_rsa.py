@@ -66,7 +66,10 @@ def as_api_error(err: BaseException, hide: Sequence[str] = ()) -> APIError:
     if isinstance(err, APIError):
         return err
     if isinstance(err, (RunError, BackendError)):
-        return upstream_error(err, hide)
+        # Messages name upstreams by name; what else they hold of an address (a redirect's
+        # Location) each error lists as private.
+        failures = err.failures if isinstance(err, RunError) else [err]
+        return upstream_error(err, [*hide, *(part for failure in failures for part in failure.private)])
     if isinstance(err, ConfigError):
         return APIError(400, str(err), param=err.param)
     return APIError(500, f"internal error: {type(err).__name__}", code="internal_error")
