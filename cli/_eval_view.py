@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from markov_rsa import Backend, ConfigError, RSAParams
-from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, summarise, write_outputs
+from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, provenance, summarise, write_outputs
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -93,7 +93,7 @@ def run_eval(
 
     with bar if not bar.disable else contextlib.nullcontext():
         outcomes, wall = asyncio.run(go())
-    summary = summarise(outcomes, params, wall)
+    summary = summarise(outcomes, params, wall, provenance(dataset, backend, params, limit=limit))
     summary["skipped_lines"] = [{"line": n, "reason": why} for n, why in bad.lines]
     if out is not None:
         write_outputs(out, outcomes, summary)

@@ -273,6 +273,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Write results.json, problems.csv and run logs here."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an evaluation written to this --out directory."),
+    report: bool = typer.Option(False, "--report", help="Also write the HTML report, OUT/report.html."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     **flags: Any,
 ) -> None:
@@ -281,12 +282,50 @@ def evaluate(
 
     preset, rsa_flags, backend_flags = split_flags(flags)
     with user_errors():
+        target = resume or out
+        if report and target is None:
+            raise ConfigError("--report needs --out (or --resume): the report is made from the written results")
         params = build_params(preset, rsa_flags)
-        run_eval(dataset, params, make_backend(**backend_flags), out=resume or out, resume=resume is not None,
+        run_eval(dataset, params, make_backend(**backend_flags), out=target, resume=resume is not None,
                  limit=limit, quiet=quiet, check=check_backend)
+        if target is not None:
+            err = Console(stderr=True, soft_wrap=True)
+            if report:
+                from markov_rsa.report import write_report
+
+                err.print(f"wrote {write_report([target])}", highlight=False)
+            else:
+                err.print(f"HTML report: markov-rsa report {target}", highlight=False)
 
 
 app.command("eval", help=evaluate.__doc__)(with_signature(evaluate, RUN_OPTIONS))
+
+
+def report(
+    paths: list[Path] = typer.Argument(
+        ..., help="An eval --out directory or a run directory; two eval directories are compared."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="HTML file to write (default: report.html in the directory, compare.html for two)."
+    ),
+    open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
+    text_limit: int = typer.Option(
+        20_000, "--text-limit", help="Evaluation pages: characters of each rollout's text kept (start and end); 0 keeps all."
+    ),
+) -> None:
+    """Write one self-contained HTML page (no network needed) for an evaluation, a run, or two evaluations."""
+    from markov_rsa.report import write_report
+
+    with user_errors():
+        target = write_report(paths, output, text_limit=text_limit or None)
+    Console(stderr=True, soft_wrap=True).print(f"wrote {target}", highlight=False)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(target.resolve().as_uri())
+
+
+app.command("report", help=report.__doc__)(report)
 
 
 def fake_backend(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,9 @@ from ._backend import Backend
 from ._controller import MarkovRSA, early_stop_share
 from ._errors import ConfigError, MarkovRSAError
 from ._params import RSAParams, Task
-from ._result import RSAResult
+from ._result import RoundSummary, RSAResult
 from ._runlog import LOG_NAME, RunLog, read_run_log
+from ._stats import MeanSE, mean_se
 
 
 @dataclass
@@ -89,6 +92,20 @@ class ProblemOutcome:
     majority_by_round: list[bool] = field(default_factory=list)
     final_correct: bool = False
 
+    def round_metrics(self, round_index: int) -> dict[str, float]:
+        """This problem's ``mean_acc`` (share of the population right), ``majority_acc`` (the
+        vote's winner right) and ``pass_at_n`` (anyone right) in one round."""
+        correct = self.correct_by_round[round_index]
+        return {
+            "mean_acc": _mean([float(c) for c in correct]),
+            "majority_acc": float(self.majority_by_round[round_index]),
+            "pass_at_n": float(any(correct)),
+        }
+
+
+METRICS = ("mean_acc", "majority_acc", "pass_at_n")
+"""The per-round accuracies of an evaluation, as named in ``results.json``."""
+
 
 def is_correct(predicted: str | None, gold: str, task: Task) -> bool:
     """Math answers by symbolic equivalence; other tasks by exact (normalised) match."""
@@ -97,18 +114,26 @@ def is_correct(predicted: str | None, gold: str, task: Task) -> bool:
 
 def score(problem: Problem, result: RSAResult) -> ProblemOutcome:
     """Correctness of every round's population and vote, and of the selected answer."""
+    return score_rounds(problem, result.rounds, result.answer, result)
+
+
+def score_rounds(
+    problem: Problem, rounds: list[RoundSummary], answer: str | None, result: RSAResult | None = None
+) -> ProblemOutcome:
+    """Score a run from its round summaries and selected answer (as a run log holds them)."""
     outcome = ProblemOutcome(problem, result)
-    for summary in result.rounds:
+    for summary in rounds:
         outcome.correct_by_round.append(
             [is_correct(answer, problem.answer, problem.task) for answer in summary.answers]
         )
         winner = summary.votes[0][0] if summary.votes else None
         outcome.majority_by_round.append(is_correct(winner, problem.answer, problem.task))
-    outcome.final_correct = is_correct(result.answer, problem.answer, problem.task)
+    outcome.final_correct = is_correct(answer, problem.answer, problem.task)
     return outcome
 
 
-def _safe_name(pid: str) -> str:
+def run_dir_name(pid: str) -> str:
+    """The folder name of a problem's run log under ``OUT/runs/``."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", pid)[:100] or "problem"
 
 
@@ -154,7 +179,7 @@ async def _solve_logged(
 ) -> RSAResult:
     if runs_dir is None:
         return await MarkovRSA(backend, params).solve(problem.problem)
-    run_dir = runs_dir / _safe_name(problem.id)
+    run_dir = runs_dir / run_dir_name(problem.id)
     if resume and (run_dir / LOG_NAME).is_file():
         logged = read_run_log(run_dir)
         with RunLog(run_dir, resuming=True) as log:
@@ -169,35 +194,52 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def summarise(outcomes: list[ProblemOutcome], params: RSAParams, wall_s: float) -> dict[str, Any]:
-    """``results.json``: per-round accuracy and cost, and the selected answers' accuracy."""
+def _with_se(row: dict[str, Any], name: str, stat: MeanSE) -> None:
+    row[name] = stat.mean
+    row[f"{name}_se"] = round(stat.se, 6)
+
+
+def summarise(
+    outcomes: list[ProblemOutcome],
+    params: RSAParams,
+    wall_s: float,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``results.json``: per-round accuracy (each with its standard error over problems, ``*_se``)
+    and cost, the selected answers' accuracy, and where the numbers came from (``provenance``)."""
     done = [o for o in outcomes if o.result is not None]
     rounds = []
     for r in range(params.t):
         with_round = [o for o in done if len(o.correct_by_round) > r]
-        rounds.append(
-            {
-                "round": r,
-                "mean_acc": _mean([_mean([float(c) for c in o.correct_by_round[r]]) for o in with_round]),
-                "majority_acc": _mean([float(o.majority_by_round[r]) for o in with_round]),
-                "pass_at_n": _mean([float(any(o.correct_by_round[r])) for o in with_round]),
-                "tokens": sum(o.result.rounds[r].usage.total_tokens for o in with_round if o.result),
-                "calls": sum(o.result.rounds[r].calls for o in with_round if o.result),
-                "wall_s": round(_mean([o.result.rounds[r].wall_s for o in with_round if o.result]), 4),
-            }
+        row: dict[str, Any] = {"round": r}
+        per_problem = [o.round_metrics(r) for o in with_round]
+        for metric in METRICS:
+            _with_se(row, metric, mean_se([m[metric] for m in per_problem]))
+        row.update(
+            problems=len(with_round),
+            tokens=sum(o.result.rounds[r].usage.total_tokens for o in with_round if o.result),
+            calls=sum(o.result.rounds[r].calls for o in with_round if o.result),
+            wall_s=round(_mean([o.result.rounds[r].wall_s for o in with_round if o.result]), 4),
         )
-    return {
+        rounds.append(row)
+    summary: dict[str, Any] = {
         "problems": len(outcomes),
         "completed": len(done),
         "errors": len(outcomes) - len(done),
-        "final_acc": _mean([float(o.final_correct) for o in done]),
-        "tokens": sum(o.result.usage.total_tokens for o in done if o.result),
-        "calls": sum(o.result.calls for o in done if o.result),
-        "wall_s": round(wall_s, 3),
-        "params": params.model_dump(mode="json"),
-        "rounds": rounds,
-        **({"early_stop": early_stop_counterfactual(done, params.early_stop)} if params.early_stop else {}),
     }
+    _with_se(summary, "final_acc", mean_se([float(o.final_correct) for o in done]))
+    summary.update(
+        tokens=sum(o.result.usage.total_tokens for o in done if o.result),
+        calls=sum(o.result.calls for o in done if o.result),
+        wall_s=round(wall_s, 3),
+        params=params.model_dump(mode="json"),
+        rounds=rounds,
+    )
+    if params.early_stop:
+        summary["early_stop"] = early_stop_counterfactual(done, params.early_stop)
+    if provenance is not None:
+        summary["provenance"] = provenance
+    return summary
 
 
 def early_stop_counterfactual(done: list[ProblemOutcome], threshold: float) -> dict[str, Any]:
@@ -235,6 +277,42 @@ def early_stop_counterfactual(done: list[ProblemOutcome], threshold: float) -> d
         "tokens_without": tokens_without,
         "tokens_with": tokens_with,
         "tokens_saved_fraction": round(1 - tokens_with / tokens_without, 4) if tokens_without else 0.0,
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backend_kind(backend: Backend) -> tuple[str, str | None]:
+    """``(kind, model)`` of a backend, never its address: an evaluation's record names what ran it,
+    not where it ran (URLs can hold hosts and credentials)."""
+    if backend.name.startswith("local:"):
+        return "local", backend.name.removeprefix("local:")
+    model = getattr(backend, "model", None)
+    return "openai-compatible", str(model) if model else None
+
+
+def provenance(dataset: str | Path, backend: Backend, params: RSAParams, *, limit: int | None = None) -> dict[str, Any]:
+    """What an evaluation ran: package version, date, model, backend kind, seed, the dataset's path
+    and SHA-256 (the exact parameters are ``results.json``'s ``params``); enough to compare two
+    evaluations later."""
+    from . import __version__
+
+    kind, model = backend_kind(backend)
+    path = Path(dataset)
+    return {
+        "version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "backend": kind,
+        "seed": params.seed,
+        "dataset": {"name": path.stem, "path": str(path), "sha256": file_sha256(path), "limit": limit},
     }
 
 

@@ -97,6 +97,21 @@ class RoundSummary:
             "verifier_fallback": self.verifier_fallback,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundSummary:
+        """Read back what ``to_dict`` wrote (a run log's ``round_end`` record, a result's rounds)."""
+        return cls(
+            round=int(data["round"]),
+            answers=list(data.get("answers") or []),
+            finish_reasons=list(data.get("finish_reasons") or []),
+            usage=Usage.from_dict(data.get("usage")),
+            calls=int(data.get("calls") or 0),
+            failed=int(data.get("failed") or 0),
+            retries=int(data.get("retries") or 0),
+            wall_s=float(data.get("wall_s") or 0.0),
+            votes=[(str(answer), int(count)) for answer, count in data.get("votes") or []],
+        )
+
 
 @dataclass
 class RSAResult:
