@@ -116,6 +116,10 @@ class Page:
         self.send("Page.navigate", url=url)
         self.wait_for("Page.loadEventFired", mark)
 
+    def go_to_fragment(self, fragment: str) -> None:
+        """Follow a link within the page (no load event: the document stays)."""
+        self.evaluate(f"location.hash = {json.dumps(fragment)}")
+
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page."""
         result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -164,7 +168,8 @@ class Chromium:
             raise RuntimeError("chromium exited before opening DevTools:\n" + "".join(self.stderr[-20:]))
         # Keep draining stderr so that a chatty browser never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
-        self.socket = connect(url, max_size=None, open_timeout=REPLY_TIMEOUT_S)
+        # Entered as a context manager (closed in close()), as websockets asks of a direct connection.
+        self.socket = connect(url, max_size=None, open_timeout=REPLY_TIMEOUT_S, ping_interval=None).__enter__()
         self.ids = itertools.count(1)
 
     def _drain(self) -> None:

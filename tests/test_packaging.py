@@ -24,6 +24,8 @@ def test_wheel_carries_prompts_and_cli(tmp_path: Path) -> None:
     for module in ("cli/main.py", "fake_backend/__init__.py", "engine/__init__.py", "server/__init__.py"):
         assert f"markov_rsa/{module}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    for template in ("base.html.j2", "eval_page.html.j2", "run_page.html.j2", "compare_page.html.j2", "style.css", "report.js"):
+        assert f"markov_rsa/report/templates/{template}" in names
 
     target = tmp_path / "site"
     subprocess.run(
