@@ -110,6 +110,8 @@ class RoundSummary:
             retries=int(data.get("retries") or 0),
             wall_s=float(data.get("wall_s") or 0.0),
             votes=[(str(answer), int(count)) for answer, count in data.get("votes") or []],
+            excluded=int(data.get("excluded") or 0),
+            verifier_fallback=bool(data.get("verifier_fallback")),
         )
 
 

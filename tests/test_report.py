@@ -242,3 +242,30 @@ def test_report_bad_paths(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     assert_one_line_error(cli("report", str(tmp_path), str(run)), "two evaluation directories")
     assert_one_line_error(cli("eval", str(DATASET), "--backend", "http://127.0.0.1:9/v1", "--report"), "--out")
+
+
+def test_run_report_shows_verifier_and_early_stop(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
+    # Many traces run past the budget with no answer (the math verifier excludes them), and the
+    # right answer is common enough that early_stop ends the run before its last round.
+    server = fake_backend(length_mean=40, long_tail_rate=0.35, error_rate=0.1, follow_majority=0.9,
+                          aggregation_error_rate=0.1, seed=2)
+    run_dir = tmp_path / "run"
+    proc = cli("solve", "What is 2 * 7 - 3?", "--backend", server.base_url, "--n", "8", "--k", "2", "--t", "4",
+               "--tail-tokens", "40", "--max-tokens", "120", "--seed", "3", "--verifier", "math",
+               "--early-stop", "0.5", "-q", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    result = next(r for r in map(json.loads, (run_dir / "run.jsonl").read_text().splitlines()) if r["type"] == "result")
+    assert result["stopped_early"] is not None and len(result["rounds"]) < 4
+    excluded = [r for r in rollouts(run_dir) if r.get("excluded")]
+    assert excluded
+    made = cli("report", str(run_dir))
+    assert made.returncode == 0, made.stderr
+
+    page, url = open_page(browser, run_dir / "report.html")
+    assert_clean(page, url)
+    assert page.evaluate("document.querySelectorAll('.cell').length") == 8 * len(result["rounds"])
+    assert page.evaluate("document.querySelectorAll('.cell.excluded').length") == len(excluded)
+    assert "stopped after round" in page.evaluate("document.body.textContent")
+    first = excluded[0]
+    page.evaluate(f"document.querySelector('.cell[data-k=\"{first['round']}-{first['slot']}\"]').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
+    assert first["excluded"] in page.evaluate("document.querySelector('.panel').textContent")

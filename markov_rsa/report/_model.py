@@ -51,6 +51,8 @@ class Rollout:
     """This trace's tail as its children were shown it (None when no child saw it)."""
     chosen: bool = False
     """Whether this trace is the one the run returned."""
+    excluded: str | None = None
+    """Why the verifier kept this trace out of the pool and the vote (None: kept)."""
 
     @property
     def length_capped(self) -> bool:
@@ -264,8 +266,12 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
     if result is not None and result.get("rounds"):
         summaries = [RoundSummary.from_dict(d) for d in result["rounds"]]
 
+    # Fields the reader does not model (the verifier's verdict) come from the raw records.
+    raw = {(int(d["round"]), int(d["slot"])): d for d in _read_lines_of(path, "rollout")}
+    # A run that stopped early has fewer rounds than t; an unfinished one shows every planned round.
+    planned = len(result["rounds"]) if result is not None and result.get("rounds") else logged.params.t
     rounds: list[list[Rollout | None]] = []
-    for round_index in range(logged.params.t):
+    for round_index in range(planned):
         row: list[Rollout | None] = []
         for slot in range(logged.params.n):
             record = logged.records.get((round_index, slot))
@@ -282,6 +288,7 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
                 attempts=trace.attempts if trace else 1,
                 content=shorten(trace.content, text_limit) if trace else "",
                 reasoning=shorten(trace.reasoning, text_limit) if trace else "",
+                excluded=(raw.get((round_index, slot)) or {}).get("excluded"),
             ))
         rounds.append(row)
     # A parent's tail is what its children were shown: read it from them.

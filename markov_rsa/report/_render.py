@@ -58,6 +58,7 @@ def cell_data(run: RunReport) -> dict[str, dict[str, Any]]:
                 "reasoning": cell.reasoning,
                 "content": cell.content,
                 "chosen": cell.chosen,
+                "excluded": cell.excluded,
             }
     return data
 

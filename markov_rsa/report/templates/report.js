@@ -42,6 +42,7 @@
     target.appendChild(el("h3", null, "Round " + d.round + " · slot " + d.slot + (d.chosen ? " · returned" : "")));
     var dl = el("dl");
     if (d.error) row(dl, "failed", d.error);
+    if (d.excluded) row(dl, "verifier", "excluded from the pool and the vote: " + d.excluded);
     row(dl, "answer", d.answer === null ? "none extracted" : d.answer);
     if (d.correct !== null && d.answer !== null) row(dl, "right?", d.correct ? "✓ right" : "✗ wrong");
     row(dl, "finish", d.finish === null ? "–" : d.finish + (d.finish === "length" ? " (hit the token budget)" : ""));
@@ -51,8 +52,9 @@
     target.appendChild(dl);
     if (d.tail !== null) block(target, "Tail, as shown to its children", d.tail, true);
     else target.appendChild(el("p", "muted", "No later rollout was shown this trace's tail."));
-    if (d.reasoning) block(target, "Reasoning", d.reasoning, d.tail === null);
-    if (d.content) block(target, "Answer text", d.content, d.tail === null);
+    // Outer blank lines carry nothing; the tail above is shown exactly as the children saw it.
+    if (d.reasoning.trim()) block(target, "Reasoning", d.reasoning.trim(), d.tail === null);
+    if (d.content.trim()) block(target, "Answer text", d.content.trim(), d.tail === null);
   }
 
   function highlight(cell, on) {
