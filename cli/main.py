@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import inspect
 import json
-import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,95 +16,78 @@ import typer
 from rich.console import Console
 
 from markov_rsa import (
+    PRESETS,
     Backend,
+    BackendError,
+    BackendSettings,
     ConfigError,
     MarkovRSA,
     MarkovRSAError,
     OpenAIBackend,
     RSAParams,
     RSAResult,
-    params_from_env,
-    resolve_params,
+    __version__,
 )
 from markov_rsa._runlog import LoggedRun, RunLog, read_run_log
+from markov_rsa._settings import CONFIG_ENV, PRESET_ENV, Layers, make_backend
 from markov_rsa.fake_backend import FakeBackendConfig
-from markov_rsa.upstream import DEFAULT_MAX_RESPONSE_BYTES
 from markov_rsa.fake_backend import serve as serve_fake_backend
+from markov_rsa.server import ServerSettings
 
-from ._options import model_options, with_signature
+from ._exits import EXIT_OK, EXIT_USAGE, fail, run_command, user_errors
+from ._help import GroupedCommand
+from ._options import given, model_options, with_signature
 from ._progress import ProgressDisplay
+from ._serve import serve_command
 
 app = typer.Typer(
     name="markov-rsa",
     help="Markovian RSA test-time compute: N parallel reasoning traces, bounded tails, recursive aggregation.",
-    no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 
-RSA_PANEL = "Markovian RSA parameters"
+RSA_PANEL = "RSA parameters"
 BACKEND_PANEL = "Backend"
+SERVER_PANEL = "Server"
+OUTPUT_PANEL = "Output"
 
-
-def _option(name: str, annotation: Any, default: Any, *decls: str, help: str, envvar: str | None = None) -> inspect.Parameter:
-    option = typer.Option(default, *decls, help=help, envvar=envvar, rich_help_panel=BACKEND_PANEL)
+def _keyword(name: str, annotation: Any, option: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 
-# Shared by every command that talks to a backend; each becomes a keyword of make_backend().
-BACKEND_OPTIONS = [
-    _option("backend", Optional[str], None, "--backend", envvar="MARKOV_RSA_BACKEND",
-            help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1; unset runs the local engine."),
-    _option("model", Optional[str], None, "--model", envvar="MARKOV_RSA_MODEL",
-            help="Server: model name (default: its first). Local: a GGUF, a checkpoint dir or a cached id "
-                 "(default: the embedded SmolLM2-135M-Instruct)."),
-    _option("api_key", Optional[str], None, "--api-key", envvar="MARKOV_RSA_API_KEY", help="Bearer key for the backend."),
-    _option("concurrency", int, 64, "--concurrency", help="Max requests in flight."),
-    _option("requests_per_second", Optional[float], None, "--rps", help="Max requests started per second."),
-    _option("timeout", float, 900.0, "--timeout",
-            help="Total seconds a request may take, from sending it to the last byte, before it is retried."),
-    _option("idle_timeout", Optional[float], None, "--idle-timeout",
-            help="Seconds a server may stay silent inside a response body (default: the --timeout)."),
-    _option("max_response_bytes", int, DEFAULT_MAX_RESPONSE_BYTES, "--max-response-bytes",
-            help="Largest response body read from the server; larger ones fail the call."),
-    _option("max_retries", int, 4, "--max-retries", help="Retries per rollout on 429, 5xx and timeouts."),
-    _option("tokenizer", Optional[str], None, "--tokenizer",
-            help="Local tokenizer.json or model dir, for servers without /tokenize."),
-    _option("device", Optional[str], None, "--device", help="Local engine: cpu, cuda, cuda:1 (default: CUDA if present)."),
-    _option("allow_download", bool, False, "--allow-download/--no-download",
-            help="Local engine: let a model id missing from the local cache be downloaded."),
-]
-BACKEND_NAMES = tuple(p.name for p in BACKEND_OPTIONS)
-PRESET_OPTION = inspect.Parameter(
+PRESET_OPTION = _keyword(
     "preset",
-    inspect.Parameter.KEYWORD_ONLY,
-    default=typer.Option(None, "--preset", help="zaya1 | extra-high | rsa-paper | smoke | local.", rich_help_panel=RSA_PANEL),
-    annotation=Optional[str],
+    Optional[str],
+    typer.Option(
+        None,
+        "--preset",
+        help=f"Start from a preset: {' | '.join(PRESETS)}. [env: {PRESET_ENV}]",
+        rich_help_panel=RSA_PANEL,
+        show_default=False,
+    ),
 )
-RUN_OPTIONS = [PRESET_OPTION, *model_options(RSAParams, RSA_PANEL), *BACKEND_OPTIONS]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error on stderr; return the exit to raise."""
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-@contextlib.contextmanager
-def user_errors() -> Any:
-    """Turn library errors into one line on stderr and a non-zero exit; never a traceback."""
-    try:
-        yield
-    except ConfigError as err:
-        raise fail(str(err), 2) from None
-    except MarkovRSAError as err:
-        raise fail(str(err), 1) from None
-    except OSError as err:
-        # A file or directory the user named cannot be used (exists as a file, no permission...).
-        where = f" {err.filename}" if err.filename else ""
-        raise fail(f"cannot use{where}: {err.strerror or err}", 2) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", 130) from None
+CONFIG_OPTION = _keyword(
+    "config",
+    Optional[str],
+    typer.Option(
+        None,
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings (name = value); default: [tool.markov-rsa] of the nearest "
+        f"pyproject.toml. [env: {CONFIG_ENV}]",
+        show_default=False,
+    ),
+)
+RSA_OPTIONS = [PRESET_OPTION, *model_options(RSAParams, RSA_PANEL)]
+# solve and eval keep --api-key as a hidden spelling of the outbound key; serve's --api-key is inbound.
+RUN_OPTIONS = [
+    CONFIG_OPTION,
+    *RSA_OPTIONS,
+    *model_options(BackendSettings, BACKEND_PANEL, aliases={"backend_api_key": ["--api-key"]}),
+]
 
 
 def read_problem(problem: str | None) -> str:
@@ -118,55 +101,24 @@ def read_problem(problem: str | None) -> str:
     return problem
 
 
-def split_flags(flags: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """``(preset, RSA parameter flags, backend flags)`` from a command's keyword arguments.
+@dataclass(frozen=True)
+class RunSettings:
+    """What a command that runs RSA is configured with."""
 
-    With no backend the run is on the local engine, whose default preset is ``local``.
-    """
-    backend = {name: flags.pop(name) for name in BACKEND_NAMES}
-    preset = flags.pop("preset", None)
-    if preset is None and backend["backend"] in (None, "local"):
+    params: RSAParams
+    backend: BackendSettings
+    layers: Layers
+
+
+def load_run_settings(flags: dict[str, Any]) -> RunSettings:
+    """RSA parameters and backend settings from the command's flags over environment, file, preset
+    and defaults. With no backend the run is on the local engine, whose default preset is ``local``."""
+    layers = Layers.discover(flags.pop("config", None))
+    backend = layers.settings(BackendSettings, given(BackendSettings, flags))
+    preset = layers.preset(flags.pop("preset", None))
+    if preset is None and backend.is_local:
         preset = "local"
-    return preset, flags, backend
-
-
-def build_params(preset: str | None, flags: dict[str, Any]) -> RSAParams:
-    """Defaults < preset < MARKOV_RSA_* environment < command-line flags."""
-    with_env = resolve_params(preset, params_from_env(os.environ))
-    return resolve_params(None, flags, base=with_env)
-
-
-def make_backend(
-    backend: str | None,
-    model: str | None,
-    api_key: str | None,
-    concurrency: int,
-    requests_per_second: float | None,
-    timeout: float,
-    idle_timeout: float | None,
-    max_response_bytes: int,
-    max_retries: int,
-    tokenizer: str | None,
-    device: str | None,
-    allow_download: bool,
-) -> Backend:
-    """The backend the flags name: an OpenAI-compatible server, or the in-process engine."""
-    if backend is None or backend == "local":
-        from markov_rsa.engine import LocalEngine
-
-        return LocalEngine(model, device=device, allow_download=allow_download, max_batch_size=min(concurrency, 16))
-    return OpenAIBackend(
-        backend,
-        model,
-        api_key,
-        concurrency=concurrency,
-        requests_per_second=requests_per_second,
-        timeout=timeout,
-        idle_timeout=idle_timeout,
-        max_response_bytes=max_response_bytes,
-        max_retries=max_retries,
-        tokenizer=tokenizer,
-    )
+    return RunSettings(layers.rsa_params(preset, given(RSAParams, flags)), backend, layers)
 
 
 async def check_backend(backend: Backend) -> None:
@@ -179,7 +131,8 @@ async def check_backend(backend: Backend) -> None:
     except ConfigError:
         raise
     except MarkovRSAError as err:
-        raise ConfigError(f"cannot use backend {backend.name}: {err}") from None
+        # Unreachable, TLS, refused: the run failed (exit 1), the command line was fine.
+        raise BackendError(f"cannot use backend {backend.name}: {err}") from None
 
 
 def fan_out(*handlers: Any) -> Any:
@@ -237,25 +190,30 @@ def solve(
     problem: Optional[str] = typer.Argument(None, help="The problem to solve; '-' (or nothing, on a pipe) reads stdin."),
     *,
     run_dir: Optional[str] = typer.Option(
-        None, "--run-dir", help="Log the run as JSONL in this directory, every rollout as it finishes."
+        None, "--run-dir", help="Log the run as JSONL in this directory, every rollout as it finishes.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
     resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue the run logged in this directory; only missing rollouts are generated."
+        None, "--resume", help="Continue the run logged in this directory; only missing rollouts are generated.",
+        rich_help_panel=OUTPUT_PANEL,
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the answer, usage and rounds."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: the result, or {\"error\": {...}} on failure.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display.", rich_help_panel=OUTPUT_PANEL),
     **flags: Any,
 ) -> None:
     """Solve one problem with Markovian RSA and print the answer."""
-    preset, rsa_flags, backend_flags = split_flags(flags)
-    with user_errors():
+    with user_errors(as_json):
+        settings = load_run_settings(flags)
         logged = load_resume(resume) if resume else None
         if logged is not None:
             params, problem_or_messages, run_dir = logged.params, logged.messages, resume
         else:
-            params = build_params(preset, rsa_flags)
+            params = settings.params
             problem_or_messages = read_problem(problem)
-        backend = make_backend(**backend_flags)
+        backend = make_backend(settings.backend)
         show = not quiet and not as_json and Console(stderr=True).is_terminal
         result = asyncio.run(run_solve(problem_or_messages, params, backend, show, run_dir, logged))
     if as_json:
@@ -264,30 +222,37 @@ def solve(
         sys.stdout.write((result.answer if result.answer is not None else result.final_text.strip()) + "\n")
 
 
-app.command("solve", help=solve.__doc__)(with_signature(solve, RUN_OPTIONS))
+app.command("solve", help=solve.__doc__, cls=GroupedCommand)(with_signature(solve, RUN_OPTIONS))
 
 
 def evaluate(
-    dataset: Path = typer.Argument(..., help="JSONL file: one {id, problem, answer, task?} object per line."),
+    dataset: str = typer.Argument(..., help="JSONL file: one {id, problem, answer, task?} object per line."),
     *,
-    out: Optional[Path] = typer.Option(None, "--out", help="Write results.json, problems.csv and run logs here."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an evaluation written to this --out directory."),
-    report: bool = typer.Option(False, "--report", help="Also write the HTML report, OUT/report.html."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Write results.json, problems.csv and run logs here.", rich_help_panel=OUTPUT_PANEL
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N problems."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue an evaluation written to this --out directory.", rich_help_panel=OUTPUT_PANEL
+    ),
+    report: bool = typer.Option(
+        False, "--report", help="Also write the HTML report, OUT/report.html.", rich_help_panel=OUTPUT_PANEL
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT_PANEL),
     **flags: Any,
 ) -> None:
     """Evaluate on a dataset: accuracy per round (mean@N, majority, pass@N), tokens, calls and time."""
     from ._eval_view import run_eval
 
-    preset, rsa_flags, backend_flags = split_flags(flags)
     with user_errors():
         target = resume or out
         if report and target is None:
             raise ConfigError("--report needs --out (or --resume): the report is made from the written results")
-        params = build_params(preset, rsa_flags)
-        run_eval(dataset, params, make_backend(**backend_flags), out=target, resume=resume is not None,
-                 limit=limit, quiet=quiet, check=check_backend)
+        settings = load_run_settings(flags)
+        run_eval(
+            Path(dataset), settings.params, make_backend(settings.backend), out=target,
+            resume=resume is not None, limit=limit, quiet=quiet, check=check_backend,
+        )
         if target is not None:
             err = Console(stderr=True, soft_wrap=True)
             if report:
@@ -298,7 +263,7 @@ def evaluate(
                 err.print(f"HTML report: markov-rsa report {target}", highlight=False)
 
 
-app.command("eval", help=evaluate.__doc__)(with_signature(evaluate, RUN_OPTIONS))
+app.command("eval", help=evaluate.__doc__, cls=GroupedCommand)(with_signature(evaluate, RUN_OPTIONS))
 
 
 def report(
@@ -325,47 +290,68 @@ def report(
         webbrowser.open(target.resolve().as_uri())
 
 
-app.command("report", help=report.__doc__)(report)
+app.command("report", help=report.__doc__, cls=GroupedCommand)(report)
 
 
 def fake_backend(
     *,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-    port: int = typer.Option(8001, "--port", help="Port to listen on."),
+    port: int = typer.Option(8001, "--port", min=1, max=65535, help="Port to listen on."),
     **flags: Any,
 ) -> None:
     """Run the simulated OpenAI-compatible backend (rule-based answers, token rate, faults)."""
     try:
-        config = FakeBackendConfig(**{k: v for k, v in flags.items() if v is not None})
+        config = FakeBackendConfig(**given(FakeBackendConfig, flags))
     except ValueError as err:
-        raise fail(str(err).splitlines()[0], 2) from None
+        raise fail(str(err).splitlines()[0], EXIT_USAGE) from None
     Console(stderr=True).print(f"fake backend on http://{host}:{port}/v1 (model {config.model})")
     serve_fake_backend(config, host=host, port=port)
 
 
-app.command("fake-backend", help=fake_backend.__doc__)(
-    with_signature(fake_backend, model_options(FakeBackendConfig, "Simulation"))
+app.command("fake-backend", help=fake_backend.__doc__, cls=GroupedCommand)(
+    with_signature(fake_backend, model_options(FakeBackendConfig, "Simulation", show_env=False))
 )
 
+SERVE_OPTIONS = [
+    CONFIG_OPTION,
+    PRESET_OPTION,
+    # --rsa-<name>: Zyphra's proxy spells the RSA flags so; accepted, not listed.
+    *model_options(RSAParams, RSA_PANEL, alias_prefix="rsa_"),
+    *model_options(BackendSettings, BACKEND_PANEL),
+    *model_options(ServerSettings, SERVER_PANEL, aliases={"client_api_keys": ["--api-key"]}),
+]
+app.command("serve", help=serve_command.__doc__, cls=GroupedCommand)(with_signature(serve_command, SERVE_OPTIONS))
 
-@app.command(
-    "serve",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
+serve_app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
-def serve(ctx: typer.Context) -> None:
-    """Run the OpenAI-compatible Markovian RSA proxy in front of --upstream URL (or --engine local).
-
-    Every flag is listed by 'markov-rsa serve --help'.
-    """
-    from markov_rsa.server.__main__ import main as serve_main
-
-    serve_main(ctx.args, prog="markov-rsa serve")
+"""``serve`` alone, for ``python -m markov_rsa.server``."""
+serve_app.command(help=serve_command.__doc__, cls=GroupedCommand)(serve_command)
 
 
-def main() -> None:
-    """Entry point of the ``markov-rsa`` command."""
-    app()
+def version_callback(value: bool) -> None:
+    """``--version``: print the version and exit."""
+    if value:
+        sys.stdout.write(f"markov-rsa {__version__}\n")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def common(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Markovian RSA test-time compute: N parallel reasoning traces, bounded tails, recursive aggregation."""
+
+
+def main(argv: list[str] | None = None, prog_name: str = "markov-rsa") -> None:
+    """Entry point of the ``markov-rsa`` command: exit 0 ok, 1 run failed, 2 usage error, 130 interrupted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.exit(run_command(app, args, prog_name))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,14 @@ from ._params import PARAM_NAMES, PRESETS, RSAParams, Schedule, Selection, Task,
 from ._prompts import aggregation_messages, load_template
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._runlog import LoggedRun, RunLog, read_run_log
+from ._settings import BackendSettings, Layers, make_backend
 from ._sync import solve
 from ._eval import evaluate, load_dataset, summarise
 from ._tails import TRUNCATION_MARKER, Tail, make_tail
 from ._tokenizers import SyncTokenizer, Tokenizer, local_tokenizer, tiktoken_tokenizer
 from ._types import GenerationRequest, Message, Trace, Usage
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "PARAM_NAMES",
@@ -40,12 +41,14 @@ __all__ = [
     "Backend",
     "BackendError",
     "CallOutcome",
+    "BackendSettings",
     "ConfigError",
     "ErrorKind",
     "Event",
     "FinalAggregationStarted",
     "FinalDelta",
     "GenerationRequest",
+    "Layers",
     "LoggedRun",
     "RunLog",
     "MarkovRSA",
@@ -73,6 +76,7 @@ __all__ = [
     "Trace",
     "Usage",
     "VoteResult",
+    "__version__",
     "aggregation_messages",
     "answers_equivalent",
     "call_seed",
@@ -84,6 +88,7 @@ __all__ = [
     "extract_answer",
     "load_template",
     "local_tokenizer",
+    "make_backend",
     "make_tail",
     "normalize_answer",
     "params_from_env",

@@ -80,7 +80,7 @@ def test_env_vars_set_parameters(fake_backend: Any) -> None:
     ("args", "needles"),
     [
         (["--n", "2", "--k", "5"], ["k (5) must not exceed n (2)"]),
-        (["--tail-tokens", "-1"], ["tail_tokens"]),
+        (["--tail-tokens", "-1"], ["--tail-tokens"]),
         (["--preset", "nope"], ["unknown preset"]),
         (["--selection", "best"], []),
     ],
@@ -117,7 +117,7 @@ def test_help_lists_every_parameter() -> None:
     proc = cli("solve", "--help")
     assert proc.returncode == 0
     for flag in ("--n", "--k", "--t", "--tail-tokens", "--max-tokens", "--temperature", "--top-p", "--top-k",
-                 "--seed", "--selection", "--task", "--preset", "--backend", "--model", "--api-key", "--concurrency",
+                 "--seed", "--selection", "--task", "--preset", "--backend", "--model", "--backend-api-key", "--concurrency",
                  "--json"):
         assert flag in proc.stdout, flag
     top = cli("--help")
@@ -165,13 +165,13 @@ def test_serve_command_proxies_with_rsa(fake_backend: Any) -> None:
 def test_serve_without_upstream_is_one_line() -> None:
     proc = cli("serve", "--port", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--upstream" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--backend" in proc.stderr
 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--rps", "-1"], "requests per second"),
+        (["--rps", "-1"], "--rps"),
         (["--run-dir", "/etc/passwd"], "run log"),
         (["--backend", "http://127.0.0.1:99999/v1"], "invalid backend URL"),
         (["--api-key", "clé"], "ASCII"),
@@ -179,5 +179,6 @@ def test_serve_without_upstream_is_one_line() -> None:
 )
 def test_bad_backend_and_file_flags(fake_backend: Any, args: list[str], needle: str) -> None:
     server = fake_backend()
-    proc = cli("solve", "What is 1 + 1?", "--backend", server.base_url, "--preset", "smoke", *args)
+    # The backend comes from the environment, so that a --backend flag overrides it.
+    proc = cli("solve", "What is 1 + 1?", "--preset", "smoke", *args, env={"MARKOV_RSA_BACKEND": server.base_url})
     assert_one_line_error(proc, needle)

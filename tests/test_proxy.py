@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from markov_rsa import OpenAIBackend, RSAParams
 from markov_rsa.fake_backend import FakeBackend
 from markov_rsa.server import ServerConfig, create_app
-from markov_rsa.server.__main__ import build_parser, config_from_args
 
 SMALL = RSAParams(n=4, k=2, t=2, tail_tokens=32, max_tokens=300)
 PROBLEM = [{"role": "user", "content": "What is 17 + 25 * 3?"}]
@@ -523,22 +522,6 @@ def test_backend_factory_serves_without_upstreams(fake_backend: Any, proxy: Any)
     chunks = list(client.chat.completions.create(model="local-model", messages=PROBLEM, stream=True, extra_body={"rsa": False}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [m.id for m in client.models.list().data] == ["local-model", "mrsa/local-model"]
-
-
-def test_command_line_flags_and_environment() -> None:
-    args = build_parser().parse_args(
-        ["--upstream", "http://a:8000/v1", "--backend", "http://b:8000/v1", "--api-key", "k1", "--rsa-n", "8",
-         "--k", "2", "--selection", "majority", "--max-concurrent-runs", "3", "--no-rsa-by-default"]
-    )
-    config = config_from_args(args, {"MARKOV_RSA_TAIL_TOKENS": "512", "MARKOV_RSA_N": "32", "MARKOV_RSA_SERVE_API_KEYS": "x"})
-    assert config.upstreams == ["http://a:8000/v1", "http://b:8000/v1"]
-    assert config.api_keys == ["k1"]
-    assert (config.defaults.n, config.defaults.k, config.defaults.tail_tokens) == (8, 2, 512)
-    assert config.defaults.selection.value == "majority"
-    assert config.max_concurrent_runs == 3 and config.rsa_by_default is False
-    assert "k1" not in repr(config)
-    env = config_from_args(build_parser().parse_args([]), {"MARKOV_RSA_UPSTREAMS": "http://c/v1", "MARKOV_RSA_SERVE_API_KEYS": "a, b"})
-    assert env.upstreams == ["http://c/v1"] and env.api_keys == ["a", "b"]
 
 
 def test_prompts_are_logged_only_when_asked(fake_backend: Any, proxy: Any, caplog: pytest.LogCaptureFixture) -> None:

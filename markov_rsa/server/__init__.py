@@ -8,6 +8,6 @@ proxy, so its clients switch without a change. README.md describes serving and d
 """
 
 from ._app import create_app, run_server
-from ._config import ServerConfig
+from ._config import ServerConfig, ServerSettings
 
-__all__ = ["ServerConfig", "create_app", "run_server"]
+__all__ = ["ServerConfig", "ServerSettings", "create_app", "run_server"]

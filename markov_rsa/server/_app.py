@@ -7,7 +7,9 @@ import hashlib
 import hmac
 import json
 import logging
+import logging.config
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -20,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .._backend import Backend
 from .._errors import ConfigError
@@ -31,6 +33,7 @@ from ._config import ServerConfig
 from ._errors import APIError
 from ._limits import RunLimiter
 from ._local import local_completion
+from ._logging import REQUEST_ID, logging_config, request_id_from
 from ._metrics import Metrics
 from ._relay import Relay
 from ._requests import ChatRoute, decide, parse_rsa_request
@@ -112,7 +115,7 @@ class Proxy:
     """State of one app: configuration, metrics, run limits, and (once started) upstreams and backend."""
 
     def __init__(self, config: ServerConfig, backend_factory: Callable[[], Backend] | None = None) -> None:
-        if not config.upstreams and backend_factory is None:
+        if not config.upstream.backend and backend_factory is None:
             raise ConfigError("the proxy needs at least one --upstream URL (or a local engine)", param="upstream")
         self.config = config
         self.backend_factory = backend_factory
@@ -120,7 +123,7 @@ class Proxy:
         self.limiter = RunLimiter(config.max_concurrent_runs, config.max_queued_runs)
         # Keys are compared as digests: equal lengths, and compare_digest takes the same time
         # whichever byte differs.
-        self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
+        self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.client_api_keys]
         self.pool: UpstreamPool | None = None
         self.client: UpstreamClient | None = None
         self.relay: Relay | None = None
@@ -136,26 +139,19 @@ class Proxy:
         if self.backend_factory is not None:
             self.backend = self.backend_factory()
         else:
+            upstream = config.upstream
             self.pool = UpstreamPool(
-                config.upstreams,
-                per_upstream_concurrency=config.upstream_concurrency,
+                upstream.backend,
+                per_upstream_concurrency=upstream.concurrency,
                 probe_interval_s=config.probe_interval_s,
                 health_interval_s=config.health_interval_s,
                 observer=self.metrics.upstream_call,
             )
             self.metrics.watch_pool(self.pool)
             # One client for RSA calls, tokenizer calls, health probes and pass-through alike.
-            self.client = UpstreamClient(
-                self.pool,
-                api_key=config.upstream_api_key,
-                timeout=config.upstream_timeout,
-                idle_timeout=config.upstream_idle_timeout,
-                max_response_bytes=config.max_response_bytes,
-            )
+            self.client = UpstreamClient(self.pool, **upstream.client_kwargs())
             self.relay = Relay(self.client, self.metrics)
-            self.backend = OpenAIBackend(
-                self.client, config.model, max_retries=config.upstream_max_retries, tokenizer=config.tokenizer
-            )
+            self.backend = OpenAIBackend(self.client, upstream.model, **upstream.call_kwargs())
             self.client.start()
         self.rsa = RSAHandler(config, self.backend, self.limiter, self.metrics, model_in_extra=self.pool is not None)
 
@@ -291,7 +287,7 @@ class Proxy:
         if self.config.log_prompts:
             logger.info("rsa request messages: %s", rsa_request.messages)
         ticket = self.rsa.admit()
-        client_model = route.client_model or route.model or self.config.model or "markov-rsa"
+        client_model = route.client_model or route.model or self.config.upstream.model or "markov-rsa"
         if rsa_request.stream:
             outcome_status = {"ok": 200, "error": 502, "cancelled": 499}
             return self.rsa.stream(
@@ -307,7 +303,7 @@ class Proxy:
 
     async def _local_chat(self, receive: Receive, route: ChatRoute) -> Response:
         assert self.backend is not None
-        model = route.model or self.config.model or self.backend.name
+        model = route.model or self.config.upstream.model or self.backend.name
         with _CancelOnDisconnect(receive):
             return await local_completion(self.backend, route.body, self.config.defaults, model)
 
@@ -357,7 +353,7 @@ class Proxy:
                     raise APIError(502, "the upstream's model list is not JSON", code="upstream_error") from None
             else:
                 assert self.backend is not None
-                name = self.config.model or self.backend.name
+                name = self.config.upstream.model or self.backend.name
                 data = {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "markov-rsa"}]}
         except APIError as err:
             return err.response()
@@ -447,10 +443,27 @@ class _ProxyApp(FastAPI):
         self._chat = proxy.chat_completions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
-            await self._chat(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        # Every response carries the request's x-request-id (the client's, or a new one), and every
+        # log line written while answering it names it.
+        request_id = request_id_from(scope["headers"], lambda: uuid.uuid4().hex)
+        token = REQUEST_ID.set(request_id)
+        header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        try:
+            if scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
+                await self._chat(scope, receive, send_with_id)
+            else:
+                await super().__call__(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 def create_app(config: ServerConfig, backend_factory: Callable[[], Backend] | None = None) -> FastAPI:
@@ -458,7 +471,7 @@ def create_app(config: ServerConfig, backend_factory: Callable[[], Backend] | No
 
     With ``backend_factory`` (e.g. the in-process local engine) RSA runs on that backend and
     pass-through requests become plain generations on it; otherwise every call goes to
-    ``config.upstreams``. The pool, relay and backend are created when the app starts and are
+    ``config.upstream.backend``. The pool, relay and backend are created when the app starts and are
     shared by all requests.
     """
     proxy = Proxy(config, backend_factory)
@@ -521,24 +534,32 @@ def _available(module: str) -> bool:
 
 def run_server(
     config: ServerConfig,
-    host: str = "127.0.0.1",
-    port: int = 8100,
+    host: str | None = None,
+    port: int | None = None,
     *,
-    log_level: str = "info",
+    log_level: str | None = None,
     backend_factory: Callable[[], Backend] | None = None,
 ) -> None:
-    """Serve the proxy until interrupted (uvicorn, on uvloop and httptools when installed)."""
+    """Serve the proxy until interrupted (uvicorn, on uvloop and httptools when installed).
+
+    ``host``, ``port`` and ``log_level`` default to the config's; the log format, the access log
+    and the quiet library loggers follow the config too (see :func:`logging_config`).
+    """
     import uvicorn
 
+    level = (log_level or config.log_level.value).lower()
+    log_config = logging_config(level, config.log_format.value)
+    logging.config.dictConfig(log_config)
     app = create_app(config, backend_factory)
     uvicorn.run(
         app,
-        host=host,
-        port=port,
+        host=host or config.host,
+        port=port or config.port,
         loop="uvloop" if _available("uvloop") else "asyncio",
         http="httptools" if _available("httptools") else "h11",
-        log_level=log_level,
-        access_log=False,
+        log_level=level,
+        log_config=log_config,
+        access_log=config.access_log,
         backlog=2048,
         timeout_keep_alive=30,
         proxy_headers=False,

@@ -11,7 +11,6 @@ with 307/308, and every failure turned into one :class:`BackendError` with its k
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 import ssl
@@ -25,20 +24,12 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from .._errors import BackendError, CallOutcome, ErrorKind, outcome_of
 from .._routing import Upstream, UpstreamPool
+from .._version import __version__
 from ._retry import RETRY_STATUSES, retry_after
 
 logger = logging.getLogger("markov_rsa.upstream")
 
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("markov-rsa")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was not installed
-        return "0"
-
-
-USER_AGENT = f"markov-rsa/{_version()}"
+USER_AGENT = f"markov-rsa/{__version__}"
 DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 """The largest response body read by default: far above any real completion, far below a runaway."""
 _MAX_REDIRECTS = 5

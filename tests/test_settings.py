@@ -1,0 +1,220 @@
+"""Settings: one model per concern, read from defaults < config file < environment < flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from markov_rsa import BackendSettings, ConfigError, RSAParams
+from markov_rsa._settings import ConfigFile, Layers, env_name
+from markov_rsa.cli._serve import server_config
+from markov_rsa.cli.main import load_run_settings
+from markov_rsa.server import ServerConfig, ServerSettings
+
+CLI = str(Path(sys.executable).parent / "markov-rsa")
+
+# One field of each model, with a value for each layer: (model, field, default, file, env, flag).
+FIELDS = [
+    (RSAParams, "n", 16, 8, 6, 4),
+    (BackendSettings, "max_retries", 4, 7, 2, 0),
+    (ServerSettings, "port", 8100, 8201, 8202, 8203),
+]
+LAYERS = ["default", "file", "env", "flag"]
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MARKOV_RSA_"):
+            monkeypatch.delenv(name)
+
+
+def _flags(**given: Any) -> dict[str, Any]:
+    """A command's keyword arguments as Typer hands them over: every option, None when not given."""
+    return {"config": None, "preset": None, **given}
+
+
+@pytest.mark.parametrize("top", LAYERS)
+@pytest.mark.parametrize("command", ["solve", "serve"])
+def test_precedence_default_file_env_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, top: str
+) -> None:
+    _clean_env(monkeypatch)
+    fields = FIELDS if command == "serve" else FIELDS[:2]
+    depth = LAYERS.index(top)
+    lines = ['backend = "http://127.0.0.1:9/v1"'] if command == "serve" else []
+    flags: dict[str, Any] = {}
+    for _, name, _, in_file, in_env, in_flag in fields:
+        if depth >= 1:
+            lines.append(f"{name} = {in_file}")
+        if depth >= 2:
+            monkeypatch.setenv(env_name(name), str(in_env))
+        if depth >= 3:
+            flags[name] = in_flag
+    # The [tool.markov-rsa] table of the nearest pyproject.toml above the working directory.
+    (tmp_path / "pyproject.toml").write_text("[tool.markov-rsa]\n" + "\n".join(lines) + "\n")
+    work = tmp_path / "sub" / "dir"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    if command == "serve":
+        config, _ = server_config(_flags(**flags))
+        found = {"n": config.defaults.n, "max_retries": config.upstream.max_retries, "port": config.port}
+    else:
+        settings = load_run_settings(_flags(backend=["http://127.0.0.1:9/v1"], **flags))
+        found = {"n": settings.params.n, "max_retries": settings.backend.max_retries}
+    for _, name, default, in_file, in_env, in_flag in fields:
+        assert found[name] == [default, in_file, in_env, in_flag][depth], name
+
+
+def test_config_file_flag_and_dashed_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "markov-rsa.toml"
+    path.write_text('preset = "smoke"\ntail-tokens = 99\nbackend = ["http://a:1/v1", "http://b:2/v1"]\n')
+    config, _ = server_config(_flags(config=str(path)))
+    assert config.defaults.tail_tokens == 99 and config.defaults.n == 4  # smoke's n, the file's tail
+    assert config.upstream.backend == ["http://a:1/v1", "http://b:2/v1"]
+
+
+def test_bad_env_named_only_when_not_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MARKOV_RSA_N", "abc")
+    monkeypatch.setenv("MARKOV_RSA_PORT", "99999")
+    with pytest.raises(ConfigError, match="^MARKOV_RSA_N: "):
+        load_run_settings(_flags(backend=["http://x:1/v1"]))
+    assert load_run_settings(_flags(backend=["http://x:1/v1"], n=2, k=1)).params.n == 2
+    with pytest.raises(ConfigError, match="^MARKOV_RSA_PORT: .*65535"):
+        server_config(_flags(backend=["http://x:1/v1"], n=2, k=1))
+    assert server_config(_flags(backend=["http://x:1/v1"], n=2, k=1, port=1))[0].port == 1
+
+
+def test_bad_file_value_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_env(monkeypatch)
+    path = tmp_path / "c.toml"
+    path.write_text("max_retries = -1\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: max_retries: .*greater than or equal to 0"):
+        Layers(ConfigFile.read(path)).settings(BackendSettings, {})
+    path.write_text("no_such_setting = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'no_such_setting'"):
+        ConfigFile.read(path)
+
+
+def test_setting_names_are_unique_across_models() -> None:
+    names = [*RSAParams.model_fields, *BackendSettings.model_fields, *ServerSettings.model_fields]
+    assert len(names) == len(set(names))
+
+
+def test_server_config_keeps_older_keywords() -> None:
+    config = ServerConfig(upstreams=["http://a:1/v1/"], api_keys=["k"], upstream_timeout=5.0, model="m")
+    assert config.upstream.backend == ["http://a:1/v1"] and config.upstream.timeout == 5.0
+    assert config.upstream.model == "m" and config.client_api_keys == ["k"]
+    assert "'k'" not in repr(config)
+
+
+def test_backend_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constructed directly (Python API), a settings model reads MARKOV_RSA_* and older spellings."""
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("MARKOV_RSA_UPSTREAMS", "http://a:1/v1, http://b:2/v1")
+    monkeypatch.setenv("MARKOV_RSA_API_KEY", "secret")
+    monkeypatch.setenv("MARKOV_RSA_RPS", "1.5")
+    settings = BackendSettings()
+    assert settings.backend == ["http://a:1/v1", "http://b:2/v1"]
+    assert settings.backend_api_key == "secret" and settings.rps == 1.5
+    assert BackendSettings(rps=3).rps == 3
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MARKOV_RSA_")}
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, timeout=120, env={**base, **(env or {})}, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["solve"], ["eval"], ["serve"], ["fake-backend"]])
+def test_help_at_80_columns_keeps_flag_names_whole(command: list[str]) -> None:
+    proc = run(*command, "--help", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert "…" not in proc.stdout
+    flags = {word.rstrip(",") for line in lines for word in line.split() if word.startswith("--")}
+    if command in (["solve"], ["serve"]):
+        for name in (*RSAParams.model_fields, *BackendSettings.model_fields):
+            assert "--" + name.replace("_", "-") in flags, name
+        assert "[env: MARKOV_RSA_FINAL_MAX_TOKENS]" in proc.stdout.replace("\n" + " " * 34, " ")
+        assert "RSA parameters:" in proc.stdout and "Backend:" in proc.stdout
+    if command == ["serve"]:
+        assert "Server:" in proc.stdout and "--rsa-n" not in flags and "--api-key" not in flags
+        for name in ServerSettings.model_fields:
+            assert "--" + name.replace("_", "-") in flags, name
+
+
+def test_python_m_entry_points() -> None:
+    for module in ("markov_rsa", "markov_rsa.server"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0 and "Usage:" in proc.stdout, proc.stderr
+    version = subprocess.run([sys.executable, "-m", "markov_rsa", "--version"], capture_output=True, text=True)
+    from markov_rsa import __version__
+
+    assert version.stdout.strip() == f"markov-rsa {__version__}"
+
+
+def test_exit_codes_and_json_error_object(fake_backend: Any) -> None:
+    server = fake_backend(length_mean=30)
+    ok = run("solve", "What is 2 + 2?", "--backend", server.base_url, "--preset", "smoke", "--json")
+    assert ok.returncode == 0, ok.stderr
+    # Usage errors: a bad flag value (click), a bad setting (pydantic), an unknown flag.
+    for args, param in ((["--n", "abc"], "n"), (["--k", "9", "--n", "2"], None), (["--no-such-flag"], None)):
+        proc = run("solve", "x", "--backend", server.base_url, "--json", *args)
+        assert proc.returncode == 2, proc.stderr
+        error = json.loads(proc.stdout)["error"]
+        assert error["type"] == "usage_error" and error["code"] == 2 and error["message"]
+        if param:
+            assert error["param"] == param
+    # The run failed: nothing listens on port 9.
+    down = run("solve", "x", "--backend", "http://127.0.0.1:9/v1", "--json")
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["error"]["type"] == "run_failed"
+    assert len(down.stderr.strip().splitlines()) == 1 and "Traceback" not in down.stderr
+    # MARKOV_RSA_N=abc is fine when --n overrides it.
+    fine = run("solve", "What is 2 + 2?", "--backend", server.base_url, "--preset", "smoke", "--n", "2", "--k", "1",
+               env={"MARKOV_RSA_N": "abc"})
+    assert fine.returncode == 0, fine.stderr
+    assert run("solve", "x", "--backend", server.base_url, env={"MARKOV_RSA_N": "abc"}).stderr.startswith(
+        "error: MARKOV_RSA_N:"
+    )
+    assert run().returncode == 2  # no arguments: the help, as a usage error
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--port", "99999"], "--port"),
+        (["--port", "0"], "--port"),
+        (["--max-retries", "-1"], "--max-retries"),
+        (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer not found"),
+        (["--log-format", "xml"], "--log-format"),
+    ],
+)
+def test_serve_rejects_bad_settings_at_start(args: list[str], needle: str) -> None:
+    proc = run("serve", "--backend", "http://127.0.0.1:9/v1", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
+
+
+def test_garbage_tokenizer_file_is_an_error_at_start(tmp_path: Path, fake_backend: Any) -> None:
+    pytest.importorskip("tokenizers")
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text("this is not a tokenizer")
+    server = fake_backend()
+    proc = run("solve", "x", "--backend", server.base_url, "--tokenizer", str(garbage))
+    assert proc.returncode == 2 and "cannot load tokenizer" in proc.stderr, proc.stderr
+    assert server.stats.requests == 0
