@@ -136,7 +136,7 @@ def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
     )
 
 
-@pytest.mark.parametrize("command", [[], ["solve"], ["eval"], ["serve"], ["fake-backend"]])
+@pytest.mark.parametrize("command", [[], ["solve"], ["eval"], ["serve"], ["fake-backend"], ["report"]])
 def test_help_at_80_columns_keeps_flag_names_whole(command: list[str]) -> None:
     proc = run(*command, "--help", env={"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
