@@ -269,3 +269,27 @@ def test_run_report_shows_verifier_and_early_stop(fake_backend: Any, tmp_path: P
     first = excluded[0]
     page.evaluate(f"document.querySelector('.cell[data-k=\"{first['round']}-{first['slot']}\"]').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
     assert first["excluded"] in page.evaluate("document.querySelector('.panel').textContent")
+
+
+def test_unfinished_and_unreadable_runs(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
+    server = fake_backend(**BACKEND)
+    out = tmp_path / "eval"
+    run_eval(server, small_dataset(tmp_path, 3), out)
+    problems = [row["id"] for row in csv.DictReader((out / "problems.csv").open())]
+    # One run killed after its first round, one whose log is no run log at all.
+    cut = out / "runs" / problems[1] / "run.jsonl"
+    lines = cut.read_text().splitlines()
+    end_of_round_0 = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "round_end")
+    cut.write_text("\n".join(lines[: end_of_round_0 + 1]) + "\n")
+    (out / "runs" / problems[2] / "run.jsonl").write_text("not json\n")
+    made = cli("report", str(out), "-o", str(tmp_path / "page.html"))
+    assert made.returncode == 0, made.stderr
+
+    page, url = open_page(browser, tmp_path / "page.html")
+    assert_clean(page, url)
+    assert page.evaluate("document.querySelectorAll('.run-section').length") == 2
+    assert page.evaluate("document.querySelectorAll('#p1 .cell.st-missing').length") == N * (T - 1)
+    assert page.evaluate("document.querySelectorAll('#p1 .cell:not(.st-missing)').length") == N
+    assert page.evaluate("document.querySelectorAll('.eval-main .fcell.m-error').length") == 1
+    text = page.evaluate("document.body.textContent")
+    assert f"Run log of {problems[2]} unreadable" in text and "has not finished" in text

@@ -182,6 +182,8 @@ class EvalReport:
     """Rows of problems.csv (id, gold, predicted, correct, error...)."""
     rows: list[RoundRow]
     final: MeanSE
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    """``(problem id, why)`` of run logs that could not be read; the page goes on without them."""
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -198,6 +200,12 @@ class EvalReport:
         """A short name: the dataset's and the folder's."""
         dataset = (self.provenance.get("dataset") or {}).get("name")
         return f"{dataset} · {self.dir.name}" if dataset else self.dir.name
+
+    @property
+    def without_log(self) -> list[str]:
+        """Ids of problems with no run log at all (an evaluation run without ``--out`` logs)."""
+        known = {r.id for r in self.runs} | {pid for pid, _ in self.unreadable}
+        return [row["id"] for row in self.problems if row["id"] not in known]
 
     def run(self, pid: str) -> RunReport | None:
         """The run of one problem id."""
@@ -235,17 +243,18 @@ def shorten(text: str, limit: int | None) -> str:
     return f"{text[:head]}\n\n[… {len(text) - head - tail:,} characters omitted in this report; the run log has them …]\n\n{text[-tail:]}"
 
 
-def _read_lines_of(path: Path, kind: str) -> list[dict[str, Any]]:
-    """The records of one type in a run log, in order; unreadable lines are left to the reader."""
-    found = []
+def _records_by_type(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """A run log's records grouped by ``type``, in order; unreadable lines are the reader's to
+    report, so they are passed over here."""
+    found: dict[str, list[dict[str, Any]]] = {}
     with path.open(encoding="utf-8", errors="replace") as lines:
         for line in lines:
             try:
                 data = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(data, dict) and data.get("type") == kind:
-                found.append(data)
+            if isinstance(data, dict):
+                found.setdefault(str(data.get("type")), []).append(data)
     return found
 
 
@@ -257,17 +266,17 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logged = read_run_log(run_dir)
-    path = run_dir / LOG_NAME
-    config = (_read_lines_of(path, "config") or [{}])[0]
+    by_type = _records_by_type(run_dir / LOG_NAME)
+    config = (by_type.get("config") or [{}])[0]
     params = logged.params.model_dump(mode="json")
     task = logged.params.task
-    summaries = [RoundSummary.from_dict(d) for d in _read_lines_of(path, "round_end")]
+    summaries = [RoundSummary.from_dict(d) for d in by_type.get("round_end", [])]
     result = logged.result
     if result is not None and result.get("rounds"):
         summaries = [RoundSummary.from_dict(d) for d in result["rounds"]]
 
     # Fields the reader does not model (the verifier's verdict) come from the raw records.
-    raw = {(int(d["round"]), int(d["slot"])): d for d in _read_lines_of(path, "rollout")}
+    raw = {(int(d["round"]), int(d["slot"])): d for d in by_type.get("rollout", []) if "round" in d and "slot" in d}
     # A run that stopped early has fewer rounds than t; an unfinished one shows every planned round.
     planned = len(result["rounds"]) if result is not None and result.get("rounds") else logged.params.t
     rounds: list[list[Rollout | None]] = []
@@ -383,10 +392,14 @@ def load_eval(out_dir: str | Path, *, text_limit: int | None = 20_000) -> EvalRe
         with (out / "problems.csv").open(newline="", encoding="utf-8") as handle:
             problems = list(csv.DictReader(handle))
     runs = []
+    unreadable = []
     for row in problems:
         run_dir = out / "runs" / run_dir_name(row["id"])
         if is_run_dir(run_dir):
-            runs.append(load_run(run_dir, gold=row.get("gold"), pid=row["id"], text_limit=text_limit))
+            try:
+                runs.append(load_run(run_dir, gold=row.get("gold"), pid=row["id"], text_limit=text_limit))
+            except ConfigError as err:
+                unreadable.append((row["id"], str(err)))
     t = int((results.get("params") or {}).get("t") or max((len(r.summaries) for r in runs), default=0))
     done = [r for r in runs if r.finished]
     rows = []
@@ -409,4 +422,5 @@ def load_eval(out_dir: str | Path, *, text_limit: int | None = 20_000) -> EvalRe
             cumulative_tokens=cumulative,
         ))
     final = mean_se([float(r.outcome.final_correct) for r in done if r.outcome is not None])
-    return EvalReport(dir=out, results=results, runs=runs, problems=problems, rows=rows, final=final)
+    return EvalReport(dir=out, results=results, runs=runs, problems=problems, rows=rows, final=final,
+                      unreadable=unreadable)
