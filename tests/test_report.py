@@ -125,6 +125,18 @@ def test_eval_report_in_browser(fake_backend: Any, tmp_path: Path, browser: Chro
     assert page.evaluate("document.querySelectorAll('#p1 .edge.hl').length") == K
     assert_clean(page, url)
 
+    # Texts cut short for the page: the cut is stated, and the returned trace is still found.
+    short = tmp_path / "short.html"
+    assert cli("report", str(out), "-o", str(short), "--text-limit", "40").returncode == 0
+    page, url = open_page(browser, short)
+    assert_clean(page, url)
+    majority = sum(1 for p in problems if json.loads((out / "runs" / p["id"] / "run.jsonl").read_text().splitlines()[-1])["selection"] == "majority")
+    assert majority >= 1
+    assert page.evaluate("[...document.querySelectorAll('.run-section')].filter(s => s.querySelectorAll('.cell.chosen').length === 1).length") == majority
+    page.go_to_fragment("p1")
+    page.evaluate("document.querySelector('#p1 .cell[data-k=\"1-0\"]').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+    assert "characters omitted in this report" in page.evaluate("document.querySelector('#p1 .panel').textContent")
+
     # Phone width: the page itself does not scroll sideways (wide grids scroll in their own box).
     phone, _ = open_page(browser, report, 390, 800, mobile=True)
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390

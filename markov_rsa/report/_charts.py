@@ -174,7 +174,7 @@ def run_graph(run: RunReport, gap: int = 6, row_gap: int = 58, target_width: int
     label_width = 64
     n = max([run.n, *(len(r) for r in run.rounds)])
     cell = int(min(44, max(28, (target_width - label_width) / max(1, n) - gap)))
-    rows = [12 + r * (cell + row_gap) for r in range(len(run.rounds))]
+    rows = [12.0 + r * (cell + row_gap) for r in range(len(run.rounds))]
     boxes, edges = [], []
     x_of = [label_width + s * (cell + gap) for s in range(n)]
     for r, rollouts in enumerate(run.rounds):

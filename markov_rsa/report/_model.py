@@ -19,7 +19,7 @@ from .._errors import ConfigError
 from .._eval import METRICS, Problem, ProblemOutcome, is_correct, run_dir_name, score_rounds
 from .._params import Task
 from .._prompts import problem_text
-from .._result import RoundSummary
+from .._result import RolloutRecord, RoundSummary
 from .._runlog import LOG_NAME, read_run_log
 from .._stats import MeanSE, mean_se
 
@@ -64,7 +64,7 @@ class Rollout:
         """``failed`` | ``none`` (no answer) | ``answer``."""
         if self.error is not None:
             return "failed"
-        return "answer" if self.answer is not None else "none"
+        return "answer" if self.answer is not None and self.answer.strip() else "none"
 
 
 @dataclass
@@ -312,7 +312,7 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
                     cell.tail = tail
 
     groups = _group_answers(rounds, gold, task)
-    _mark_chosen(rounds, result)
+    _mark_chosen(rounds, logged.records, result)
     outcome = None
     if gold is not None and result is not None:
         outcome = score_rounds(Problem(pid or run_dir.name, problem_text(logged.messages), gold, task, 0),
@@ -358,13 +358,18 @@ def _group_answers(rounds: list[list[Rollout | None]], gold: str | None, task: T
     return groups
 
 
-def _mark_chosen(rounds: list[list[Rollout | None]], result: dict[str, Any] | None) -> None:
-    """Find the returned trace in the final round (by its text), preferring one that finished."""
-    if not result or not rounds or result.get("selection") == "final_agg":
+def _mark_chosen(rounds: list[list[Rollout | None]], records: dict[tuple[int, int], RolloutRecord],
+                 result: dict[str, Any] | None) -> None:
+    """Find the returned trace in the final round by its whole text (before any shortening),
+    preferring one that finished, as the selection does."""
+    if not result or not rounds or result.get("selection") == "final_agg" or not result.get("final_text"):
         return
-    final_text = result.get("final_text") or ""
-    matches = [c for c in rounds[-1] if c is not None and c.error is None and final_text and
-               (c.content or c.reasoning) == final_text]
+    last = len(rounds) - 1
+    matches = [
+        cell for cell in rounds[-1]
+        if cell is not None and (trace := records[(last, cell.slot)].trace) is not None
+        and (trace.content or trace.text) == result["final_text"]
+    ]
     if matches:
         best = next((c for c in matches if c.finish_reason == "stop"), matches[0])
         best.chosen = True
