@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ def early_stop_line(stop: dict[str, Any]) -> str:
     )
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, so an unusable --out fails before the first call
+    rather than after the last (raises OSError naming the path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        pass
+
+
 def run_eval(
     dataset: Path,
     params: RSAParams,
@@ -68,6 +77,8 @@ def run_eval(
         raise ConfigError(f"nothing to resume at {out}", param="resume")
     if not resume and out is not None and (out / "runs").is_dir():
         raise ConfigError(f"{out} already holds an evaluation; continue it with --resume {out} or pick another --out")
+    if out is not None:
+        check_writable(out)
 
     bar = Progress(
         TextColumn("problems"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),

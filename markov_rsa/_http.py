@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from fractions import Fraction
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -96,6 +97,19 @@ class _StreamState:
                     await outcome
 
 
+def rate_throttler(requests_per_second: float) -> Throttler:
+    """A throttle of ``requests_per_second`` on average, fractions included.
+
+    asyncio-throttle counts whole starts in a sliding window, so the rate is written as starts per
+    window: 0.5/s is 1 per 2 s, 1.5/s is 3 per 2 s, 2.7/s is 27 per 10 s; from 10/s on, whole
+    starts per second (within 5 %), so that a window never lets a long burst through.
+    """
+    if requests_per_second < 1:
+        return Throttler(rate_limit=1, period=1.0 / requests_per_second)
+    rate = Fraction(requests_per_second).limit_denominator(10 if requests_per_second < 10 else 1)
+    return Throttler(rate_limit=rate.numerator, period=float(rate.denominator))
+
+
 class OpenAIBackend:
     """Rollouts over any OpenAI-compatible chat completions endpoint.
 
@@ -168,12 +182,7 @@ class OpenAIBackend:
         self._semaphore = asyncio.Semaphore(concurrency or pool.per_upstream_concurrency * len(pool.upstreams))
         if requests_per_second is not None and requests_per_second <= 0:
             raise ConfigError("requests per second must be positive", param="rps")
-        self._throttler = (
-            # Below one request a second, one request per 1/rps seconds.
-            Throttler(rate_limit=max(1, int(requests_per_second)), period=max(1.0, 1.0 / requests_per_second))
-            if requests_per_second
-            else None
-        )
+        self._throttler = rate_throttler(requests_per_second) if requests_per_second else None
 
     @property
     def dropped_fields(self) -> frozenset[str]:

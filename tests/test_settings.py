@@ -218,3 +218,24 @@ def test_garbage_tokenizer_file_is_an_error_at_start(tmp_path: Path, fake_backen
     proc = run("solve", "x", "--backend", server.base_url, "--tokenizer", str(garbage))
     assert proc.returncode == 2 and "cannot load tokenizer" in proc.stderr, proc.stderr
     assert server.stats.requests == 0
+
+
+def test_eval_out_that_cannot_be_written_fails_before_the_first_call(tmp_path: Path, fake_backend: Any) -> None:
+    server = fake_backend()
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"id": "a", "problem": "What is 1 + 1?", "answer": "2"}\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run("eval", str(dataset), "--backend", server.base_url, "--preset", "smoke", "--out", str(blocker / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(blocker) in proc.stderr
+    assert server.stats.requests == 0
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 1.0, 1.5, 2.7, 40.0, 333.3])
+def test_rps_keeps_fractions(rate: float) -> None:
+    from markov_rsa._http import rate_throttler
+
+    throttle = rate_throttler(rate)
+    assert throttle.rate_limit >= 1 and throttle.period <= max(10.0, 1 / rate)
+    assert throttle.rate_limit / throttle.period == pytest.approx(rate, rel=0.01)
