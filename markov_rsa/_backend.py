@@ -15,7 +15,11 @@ Outcome = Trace | BackendError
 
 @runtime_checkable
 class Backend(Protocol):
-    """Generates rollouts. The HTTP backend and the local engine implement it."""
+    """Generates rollouts. The HTTP backend and the local engine implement it.
+
+    A backend may also offer ``async def context_length() -> int | None``, the model's context
+    length in tokens; the controller then fits every call into it.
+    """
 
     name: str
     """A short description of where rollouts run (a URL, a model path)."""

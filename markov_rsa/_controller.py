@@ -26,6 +26,7 @@ from ._events import (
     RunFinished,
     RunStarted,
 )
+from ._context import prompt_bound, prompt_tokens, shorten_tail, tails_budget
 from ._dispatch import Dispatcher
 from ._params import RSAParams, Schedule, Selection, Verifier
 from ._prompts import aggregation_messages, problem_text
@@ -186,6 +187,8 @@ class _Run:
         self.done_by_round: Counter[int] = Counter()
         self.failed_by_round: Counter[int] = Counter()
         self.stopped_early: dict[str, Any] | None = None
+        self.context_length: int | None = None
+        self.fits: dict[str, list[int]] = {"max_tokens": [], "tails": []}
         checks = effective_verifier(self.params.verifier, self.params.task)
         self.verifier = CandidateVerifier(checks) if checks != Verifier.off else None
 
@@ -235,7 +238,9 @@ class _Run:
 
     async def execute(self) -> RSAResult:
         p = self.params
-        if self.tokenizer is None and (p.t > 1 or p.selection in (Selection.final_agg, Selection.auto)):
+        self.context_length = p.max_model_len or await self.backend_context_length()
+        needs_tails = p.t > 1 or p.selection in (Selection.final_agg, Selection.auto)
+        if self.tokenizer is None and (needs_tails or self.context_length):
             self.tokenizer = await self.owner.backend.get_tokenizer()
         await self.emit(
             RunStarted(
@@ -372,7 +377,7 @@ class _Run:
             return done
         self.progress.in_flight += 1
         try:
-            outcome = await dispatcher.submit(self.request_for(record))
+            outcome = await dispatcher.submit(await self.fitted_request(record))
         finally:
             self.progress.in_flight -= 1
         if isinstance(outcome, BackendError):
@@ -421,6 +426,79 @@ class _Run:
         if record.round == self.progress.round:
             self.progress.done = self.done_by_round[record.round]
             self.progress.failed = self.failed_by_round[record.round]
+
+    async def backend_context_length(self) -> int | None:
+        """The model's context length as the backend reports it, when it can."""
+        probe = getattr(self.owner.backend, "context_length", None)
+        if probe is None:
+            return None
+        try:
+            found = await probe()
+        except BackendError:
+            return None
+        return int(found) if found else None
+
+    async def fitted_request(self, record: RolloutRecord) -> GenerationRequest:
+        """The record's request, made to fit the context (see :meth:`fit`)."""
+        if record.shown_tails is None:
+            request, _, note = await self.fit(None, lambda _: self.request_for(record))
+            record.fitted = note
+            return request
+
+        def build(tails: list[str] | None) -> GenerationRequest:
+            record.shown_tails = tails
+            return self.request_for(record)
+
+        request, _, record.fitted = await self.fit(record.shown_tails, build)
+        return request
+
+    async def fit(
+        self, tails: list[str] | None, build: Callable[[list[str] | None], GenerationRequest]
+    ) -> tuple[GenerationRequest, list[str] | None, str | None]:
+        """A request built from ``tails`` that fits the context: the tails shortened evenly when
+        the prompt leaves less than a useful completion budget, then ``max_tokens`` lowered to the
+        room left. Returns the request, the tails it shows and a note of what changed."""
+        request = build(tails)
+        context = self.context_length
+        if context is None or prompt_bound(request.messages) + request.max_tokens <= context:
+            return request, tails, None
+        assert self.tokenizer is not None
+        tokens = await prompt_tokens(request.messages, self.tokenizer)
+        notes = []
+        if tails:
+            counts = [len(await self.tokenizer.encode(tail)) for tail in tails]
+            cut = tails_budget(context, tokens, counts, request.max_tokens)
+            if cut is not None:
+                tails = [
+                    await shorten_tail(tail, cut.tokens_each, self.tokenizer, self.params.align_newline)
+                    for tail in tails
+                ]
+                request = build(tails)
+                tokens = await prompt_tokens(request.messages, self.tokenizer)
+                notes.append(f"tails shortened to {cut.tokens_each} tokens each")
+                self.fits["tails"].append(cut.tokens_each)
+        room = max(1, context - tokens)
+        if room < request.max_tokens:
+            notes.append(f"max_tokens lowered from {request.max_tokens} to {room}")
+            self.fits["max_tokens"].append(room)
+            request.max_tokens = room
+        note = f"to fit the {context}-token context: " + ", ".join(notes) if notes else None
+        return request, tails, note
+
+    def context_notes(self) -> list[str]:
+        """One note per kind of fitting the run did."""
+        notes = []
+        if self.fits["max_tokens"]:
+            notes.append(
+                f"{len(self.fits['max_tokens'])} call(s) had max_tokens lowered to fit the {self.context_length}-token "
+                f"context (lowest {min(self.fits['max_tokens'])})"
+            )
+        if self.fits["tails"]:
+            notes.append(
+                f"{len(self.fits['tails'])} aggregation prompt(s) did not fit the {self.context_length}-token context: "
+                f"their tails were shortened evenly (shortest {min(self.fits['tails'])} tokens each)"
+            )
+        return notes
 
     def request_for(self, record: RolloutRecord) -> GenerationRequest:
         assert record.seed is not None
@@ -553,7 +631,7 @@ class _Run:
             population=population,
             finish_reason=final_trace.finish_reason,
             timings={"total_s": elapsed, **{f"round_{s.round}_s": s.wall_s for s in summaries}},
-            notes=self.notes,
+            notes=self.notes + self.context_notes(),
             stopped_early=self.stopped_early,
         )
         await self.emit(RunFinished(result))
@@ -563,10 +641,16 @@ class _Run:
         p = self.params
         round_index = p.t
         parents = draw_subsets(self.seed, round_index, list(range(len(alive))), 1, p.k)[0]
-        messages = aggregation_messages(
-            self.messages, [alive[i].tail or "" for i in parents], p.task, final=True, prompt_dir=self.owner.prompt_dir
-        )
-        request = self.request(messages, call_seed(self.seed, round_index, 0), p.final_max_tokens)
+
+        def build(tails: list[str] | None) -> GenerationRequest:
+            messages = aggregation_messages(
+                self.messages, tails or [], p.task, final=True, prompt_dir=self.owner.prompt_dir
+            )
+            return self.request(messages, call_seed(self.seed, round_index, 0), p.final_max_tokens)
+
+        request, _, note = await self.fit([alive[i].tail or "" for i in parents], build)
+        if note:
+            self.notes.append(f"final aggregation {note}")
         self.progress.in_flight = 1
         await self.emit(FinalAggregationStarted())
         stream = getattr(self.owner.backend, "stream_complete", None)

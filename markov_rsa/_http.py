@@ -178,6 +178,7 @@ class OpenAIBackend:
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_lock = asyncio.Lock()
         self._model_lock = asyncio.Lock()
+        self._context_lengths: dict[str, int | None] = {}
         self._dropped: set[str] = set() if return_token_ids else {"return_token_ids"}
         self._semaphore = asyncio.Semaphore(concurrency or pool.per_upstream_concurrency * len(pool.upstreams))
         if requests_per_second is not None and requests_per_second <= 0:
@@ -214,6 +215,21 @@ class OpenAIBackend:
                     raise BackendError("the server lists no model at /models; pass --model", kind=ErrorKind.protocol)
                 self.model = str(models[0]["id"])
         return self.model
+
+    async def context_length(self) -> int | None:
+        """The model's context length as the server lists it (vLLM's ``max_model_len`` in
+        ``/v1/models``), or None when it does not say."""
+        model = await self.resolve_model()
+        if model not in self._context_lengths:
+            try:
+                data = await self.client.request_json("GET", "/models", timeout=30.0)
+                entries = [m for m in data.get("data") or [] if isinstance(m, dict)]
+            except (BackendError, AttributeError):
+                entries = []
+            entry = next((m for m in entries if m.get("id") == model), None)
+            found = entry.get("max_model_len") if entry else None
+            self._context_lengths[model] = found if isinstance(found, int) and found > 0 else None
+        return self._context_lengths[model]
 
     async def with_retries(self, call: Callable[[], Awaitable[T]], *, limited: bool = True,
                            may_retry: Callable[[], bool] = lambda: True) -> tuple[T, int]:

@@ -100,6 +100,13 @@ class RSAParams(BaseModel):
         "code runs model output on this host.",
     )
 
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="The model's context length in tokens; unset: read from the backend (/v1/models "
+        "max_model_len, the local engine's config). Calls are fitted to it.",
+    )
+
     @model_validator(mode="after")
     def _check_k_le_n(self) -> RSAParams:
         if self.k > self.n:

@@ -27,6 +27,8 @@ class RolloutRecord:
     tail_tokens: int | None = None
     shown_tails: list[str] | None = None
     """The parents' tails this aggregation was shown, in candidate order (None in round 0)."""
+    fitted: str | None = None
+    """How the call was made to fit the model's context (shortened tails, a lower max_tokens)."""
     excluded: str | None = None
     """Why the verifier excluded this trace from the aggregation pool and the vote (None: kept)."""
     failure: BackendError | None = field(default=None, repr=False, compare=False)
@@ -49,6 +51,8 @@ class RolloutRecord:
         }
         if self.excluded is not None:
             data["excluded"] = self.excluded
+        if self.fitted is not None:
+            data["fitted"] = self.fitted
         if self.trace is not None:
             data.update(
                 finish_reason=self.trace.finish_reason,

@@ -345,6 +345,12 @@ class LocalEngine:
         assert self._tokenizer is not None
         return self._tokenizer
 
+    async def context_length(self) -> int | None:
+        """The model's context length from its config (``max_position_embeddings``)."""
+        await self.load()
+        assert self._loaded is not None
+        return self._loaded.context_length
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Outcome]]:
         """Run every request; yield ``(index, outcome)`` as each batch finishes.
 
