@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ._answers import answers_equivalent
+from ._code_eval import CodeJudge, IOTest, majority_behaviour, parse_tests
 from ._backend import Backend
 from ._controller import MarkovRSA, early_stop_share
 from ._errors import ConfigError, MarkovRSAError
 from ._params import RSAParams, Task
 from ._result import RoundSummary, RSAResult
 from ._runlog import LOG_NAME, RunLog, read_run_log
+from ._sandbox import Sandbox
 from ._stats import MeanSE, mean_se
 
 
@@ -32,6 +34,8 @@ class Problem:
     answer: str
     task: Task
     line: int
+    tests: list[IOTest] | None = None
+    """stdin/stdout tests of a code problem: its programs are scored by running them."""
 
 
 @dataclass
@@ -42,8 +46,9 @@ class DatasetErrors:
 
 
 def load_dataset(path: str | Path, default_task: Task = Task.math) -> tuple[list[Problem], DatasetErrors]:
-    """Read a JSONL dataset (``id``, ``problem``, ``answer``, optional ``task``). Bad lines are
-    reported with their line numbers and skipped; the rest is returned."""
+    """Read a JSONL dataset (``id``, ``problem``, ``answer``, optional ``task``; a code problem
+    may carry ``tests``, a list of ``{"input", "output"}`` stdin/stdout pairs, instead of an
+    ``answer``). Bad lines are reported with their line numbers and skipped; the rest is returned."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset not found: {path}", param="dataset")
@@ -62,12 +67,13 @@ def load_dataset(path: str | Path, default_task: Task = Task.math) -> tuple[list
             if not isinstance(item, dict):
                 errors.lines.append((number, "not a JSON object"))
                 continue
-            missing = [key for key in ("problem", "answer") if not str(item.get(key, "")).strip()]
+            required = ("problem",) if "tests" in item else ("problem", "answer")
+            missing = [key for key in required if not str(item.get(key, "")).strip()]
             if missing:
                 errors.lines.append((number, f"missing {' and '.join(repr(m) for m in missing)}"))
                 continue
             try:
-                task = Task(item.get("task") or default_task.value)
+                task = Task(item.get("task") or (Task.code.value if "tests" in item else default_task.value))
             except ValueError:
                 errors.lines.append((number, f"unknown task {item.get('task')!r}"))
                 continue
@@ -75,8 +81,19 @@ def load_dataset(path: str | Path, default_task: Task = Task.math) -> tuple[list
             if pid in seen:
                 errors.lines.append((number, f"duplicate id {pid!r}"))
                 continue
+            tests = None
+            if "tests" in item:
+                try:
+                    tests = parse_tests(item["tests"])
+                except ValueError as err:
+                    errors.lines.append((number, str(err)))
+                    continue
+                if task != Task.code:
+                    errors.lines.append((number, "'tests' are for task 'code'"))
+                    continue
             seen.add(pid)
-            problems.append(Problem(pid, str(item["problem"]), str(item["answer"]), task, number))
+            answer = str(item.get("answer") or f"({len(tests or [])} tests)")
+            problems.append(Problem(pid, str(item["problem"]), answer, task, number, tests))
     return problems, errors
 
 
@@ -91,6 +108,9 @@ class ProblemOutcome:
     """Per round, per slot: whether its answer is right (a failed rollout or no answer is wrong)."""
     majority_by_round: list[bool] = field(default_factory=list)
     final_correct: bool = False
+    verdicts_by_round: list[list[str]] = field(default_factory=list)
+    """Code problems with tests: per round, per slot, how its program did (``pass``, ``fail``,
+    ``error``, ``timeout``, ``limit``, ``no program``)."""
 
     def round_metrics(self, round_index: int) -> dict[str, float]:
         """This problem's ``mean_acc`` (share of the population right), ``majority_acc`` (the
@@ -132,6 +152,22 @@ def score_rounds(
     return outcome
 
 
+async def score_code(problem: Problem, result: RSAResult, sandbox: Sandbox) -> ProblemOutcome:
+    """Correctness of a code problem by its tests: a program is right only if every test passes;
+    the majority is the most common behaviour on the tests (identical outputs)."""
+    assert problem.tests is not None
+    outcome = ProblemOutcome(problem, result)
+    judge = CodeJudge(sandbox, problem.tests)
+    for summary in result.rounds:
+        behaviours = await asyncio.gather(*(judge.behaviour(answer) for answer in summary.answers))
+        outcome.correct_by_round.append([b.passed for b in behaviours])
+        outcome.verdicts_by_round.append([b.verdict for b in behaviours])
+        winner = majority_behaviour(behaviours)
+        outcome.majority_by_round.append(winner is not None and winner.passed)
+    outcome.final_correct = (await judge.behaviour(result.answer)).passed
+    return outcome
+
+
 def run_dir_name(pid: str) -> str:
     """The folder name of a problem's run log under ``OUT/runs/``."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", pid)[:100] or "problem"
@@ -146,10 +182,12 @@ async def evaluate(
     resume: bool = False,
     max_problems_in_flight: int | None = None,
     on_problem_done: Callable[[ProblemOutcome], None] | None = None,
+    sandbox: Sandbox | None = None,
 ) -> list[ProblemOutcome]:
     """Run every problem on one backend, so they share its concurrency budget.
 
-    ``params.early_stop`` does not stop these runs: every round runs, and :func:`summarise`
+    Code problems with ``tests`` are scored by running their programs in ``sandbox`` (default
+    limits when None). ``params.early_stop`` does not stop these runs: every round runs, and :func:`summarise`
     computes what stopping would have given from the per-round numbers of the same runs.
 
     With ``out_dir`` each problem's run is logged under ``out_dir/runs/ID``; with ``resume`` the
@@ -157,6 +195,8 @@ async def evaluate(
     """
     limit = max_problems_in_flight or max(2, 256 // max(1, params.n))
     gate = asyncio.Semaphore(limit)
+    # Programs of code problems with tests run here: model output executed on this machine.
+    sandbox = sandbox or (Sandbox() if any(p.tests for p in problems) else None)
     runs_dir = Path(out_dir) / "runs" if out_dir is not None else None
 
     async def one(problem: Problem) -> ProblemOutcome:
@@ -164,9 +204,14 @@ async def evaluate(
             run_params = params.model_copy(update={"task": problem.task, "early_stop": None})
             try:
                 result = await _solve_logged(problem, backend, run_params, runs_dir, resume)
-                outcome = score(problem, result)
             except MarkovRSAError as err:
                 outcome = ProblemOutcome(problem, error=str(err))
+            else:
+                if problem.tests is not None:
+                    assert sandbox is not None
+                    outcome = await score_code(problem, result, sandbox)
+                else:
+                    outcome = score(problem, result)
         if on_problem_done is not None:
             on_problem_done(outcome)
         return outcome

@@ -134,14 +134,15 @@ class Sandbox:
         return ProgramRun(status, code_, stdout, stderr, error_type)
 
 
-def same_output(actual: str, expected: str) -> bool:
-    """Whether a program's stdout matches the expected one, ignoring trailing whitespace on each
-    line and trailing blank lines (as competitive-programming judges do)."""
-    return _lines(actual) == _lines(expected)
-
-
-def _lines(text: str) -> list[str]:
+def normalise_output(text: str) -> str:
+    """A program's stdout without trailing whitespace on each line or trailing blank lines (as
+    competitive-programming judges compare it)."""
     lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
     while lines and not lines[-1]:
         lines.pop()
-    return lines
+    return "\n".join(lines)
+
+
+def same_output(actual: str, expected: str) -> bool:
+    """Whether a program's stdout matches the expected one, as :func:`normalise_output` sees them."""
+    return normalise_output(actual) == normalise_output(expected)
