@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -80,7 +81,9 @@ def _failure(err: BaseException, where: str) -> BackendError:
         return err
     cause = err.__cause__ if isinstance(err.__cause__, aiohttp.ClientError) else err
     if isinstance(cause, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
-        return BackendError(f"{where}: TLS failed: {cause}", kind=ErrorKind.connect)
+        # The underlying ssl error says what failed; the aiohttp wrapper's text names the address.
+        detail = getattr(cause, "certificate_error", None) or getattr(cause, "os_error", None) or cause
+        return BackendError(f"{where}: TLS failed: {detail}", kind=ErrorKind.connect)
     if isinstance(cause, (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return BackendError(f"{where}: connecting timed out", kind=ErrorKind.connect, retriable=True)
     if isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError,
@@ -96,8 +99,26 @@ def _failure(err: BaseException, where: str) -> BackendError:
 def _reason(err: BaseException) -> str:
     if isinstance(err, aiohttp.ClientConnectorError):
         # Its str() names the address; the OS error alone says what went wrong.
-        return err.os_error.strerror or type(err.os_error).__name__
+        os_error = err.os_error
+        if isinstance(os_error.errno, int) and os_error.errno > 0:
+            return os.strerror(os_error.errno)  # asyncio's own strerror names the address
+        return os_error.strerror or type(os_error).__name__
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+class _AiohttpClient(HttpxAiohttpClient):
+    """httpx on aiohttp whose sessions, direct and through the environment's proxies, come from
+    ``new_session`` (so that the client can close them, even those of an event loop that is gone)."""
+
+    def __init__(self, new_session: Callable[[], aiohttp.ClientSession], **kwargs: Any) -> None:
+        self._new_session = new_session
+        super().__init__(**kwargs)
+
+    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.AsyncBaseTransport:
+        return AiohttpTransport(client=self._new_session)
+
+    def _init_proxy_transport(self, proxy: httpx.Proxy, *args: Any, **kwargs: Any) -> httpx.AsyncBaseTransport:
+        return AiohttpTransport(proxy=proxy, client=self._new_session)
 
 
 def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
@@ -251,13 +272,12 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         if self._http is None or self._loop is not loop:
             self._abandon()
-            self._http = HttpxAiohttpClient(
+            self._http = _AiohttpClient(
+                self._session,
                 headers=self.headers,
                 timeout=httpx.Timeout(None, connect=self.connect_timeout),
-                limits=httpx.Limits(max_connections=self.max_connections, keepalive_expiry=30.0),
                 follow_redirects=False,
                 trust_env=True,
-                transport=AiohttpTransport(client=self._session),
             )
             self._loop = loop
         return self._http
