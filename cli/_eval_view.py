@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from markov_rsa import Backend, ConfigError, RSAParams
+from markov_rsa._datasets import Fields
 from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, provenance, summarise, write_outputs
 
 
@@ -54,7 +55,7 @@ def check_writable(folder: Path) -> None:
 
 
 def run_eval(
-    dataset: Path,
+    dataset: str,
     params: RSAParams,
     backend: Backend,
     *,
@@ -63,10 +64,11 @@ def run_eval(
     limit: int | None,
     quiet: bool,
     check: Callable[[Backend], Awaitable[None]],
+    fields: Fields | None = None,
 ) -> dict[str, Any]:
     """Load, run, report; returns the summary written to results.json."""
     err = Console(stderr=True, soft_wrap=True)
-    problems, bad = load_dataset(dataset, params.task)
+    problems, bad = load_dataset(dataset, params.task, fields)
     for number, why in bad.lines:
         err.print(f"warning: {dataset}:{number}: {why}; skipped", highlight=False)
     if limit is not None:

@@ -28,6 +28,7 @@ from markov_rsa import (
     RSAResult,
     __version__,
 )
+from markov_rsa._datasets import Fields
 from markov_rsa._runlog import LoggedRun, RunLog, read_run_log
 from markov_rsa._settings import CONFIG_ENV, PRESET_ENV, Layers, make_backend
 from markov_rsa.fake_backend import FakeBackendConfig
@@ -226,8 +227,16 @@ app.command("solve", help=solve.__doc__, cls=GroupedCommand)(with_signature(solv
 
 
 def evaluate(
-    dataset: str = typer.Argument(..., help="JSONL file: one {id, problem, answer, task?} object per line."),
+    dataset: str = typer.Argument(
+        ...,
+        metavar="NAME_OR_PATH",
+        help="A built-in dataset (arith, gsm8k, math500), a .jsonl, .csv or .parquet file with id, problem, "
+        "answer (and task) columns, or hf:ORG/NAME[:split] (a local directory or the Hugging Face cache).",
+    ),
     *,
+    problem_field: str = typer.Option("problem", "--problem-field", help="Column holding the problem."),
+    answer_field: str = typer.Option("answer", "--answer-field", help="Column holding the right answer."),
+    id_field: str = typer.Option("id", "--id-field", help="Column holding the problem's id (default: row number)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Write results.json, problems.csv and run logs here.", rich_help_panel=OUTPUT_PANEL
     ),
@@ -250,8 +259,9 @@ def evaluate(
             raise ConfigError("--report needs --out (or --resume): the report is made from the written results")
         settings = load_run_settings(flags)
         run_eval(
-            Path(dataset), settings.params, make_backend(settings.backend), out=target,
+            dataset, settings.params, make_backend(settings.backend), out=target,
             resume=resume is not None, limit=limit, quiet=quiet, check=check_backend,
+            fields=Fields(problem=problem_field, answer=answer_field, id=id_field),
         )
         if target is not None:
             err = Console(stderr=True, soft_wrap=True)

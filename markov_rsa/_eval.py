@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -17,7 +16,8 @@ from ._answers import answers_equivalent
 from ._code_eval import CodeJudge, IOTest, majority_behaviour, parse_tests
 from ._backend import Backend
 from ._controller import MarkovRSA, early_stop_share
-from ._errors import ConfigError, MarkovRSAError
+from ._datasets import BadRow, Fields, identify, read_rows
+from ._errors import MarkovRSAError
 from ._params import RSAParams, Task
 from ._result import RoundSummary, RSAResult
 from ._runlog import LOG_NAME, RunLog, read_run_log
@@ -45,55 +45,54 @@ class DatasetErrors:
     lines: list[tuple[int, str]] = field(default_factory=list)
 
 
-def load_dataset(path: str | Path, default_task: Task = Task.math) -> tuple[list[Problem], DatasetErrors]:
-    """Read a JSONL dataset (``id``, ``problem``, ``answer``, optional ``task``; a code problem
-    may carry ``tests``, a list of ``{"input", "output"}`` stdin/stdout pairs, instead of an
-    ``answer``). Bad lines are reported with their line numbers and skipped; the rest is returned."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"dataset not found: {path}", param="dataset")
+def _present(value: object) -> bool:
+    return value is not None and bool(str(value).strip())
+
+
+def load_dataset(
+    path: str | Path, default_task: Task = Task.math, fields: Fields | None = None
+) -> tuple[list[Problem], DatasetErrors]:
+    """Read a dataset: a built-in name, a JSONL, CSV or Parquet file, or ``hf:ORG/NAME[:split]``
+    (see :func:`read_rows`), with ``id``, ``problem``, ``answer`` and optional ``task`` columns
+    (``fields`` renames them); a code problem may carry ``tests``, a list of ``{"input", "output"}``
+    stdin/stdout pairs, instead of an ``answer``. Bad rows are reported with their line numbers and
+    skipped; the rest is returned."""
+    fields = fields or Fields()
     problems: list[Problem] = []
     errors = DatasetErrors()
     seen: set[str] = set()
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+    for number, item in read_rows(path):
+        if isinstance(item, BadRow):
+            errors.lines.append((number, item.reason))
+            continue
+        has_tests = _present(item.get("tests"))
+        required = (fields.problem,) if has_tests else (fields.problem, fields.answer)
+        missing = [key for key in required if not _present(item.get(key))]
+        if missing:
+            errors.lines.append((number, f"missing {' and '.join(repr(m) for m in missing)}"))
+            continue
+        try:
+            task = Task(item.get(fields.task) or (Task.code.value if has_tests else default_task.value))
+        except ValueError:
+            errors.lines.append((number, f"unknown task {item.get(fields.task)!r}"))
+            continue
+        pid = str(item.get(fields.id) or f"line{number}")
+        if pid in seen:
+            errors.lines.append((number, f"duplicate id {pid!r}"))
+            continue
+        tests = None
+        if has_tests:
             try:
-                item = json.loads(line)
+                tests = parse_tests(item["tests"])
             except ValueError as err:
-                errors.lines.append((number, f"not JSON ({err.msg})"))
+                errors.lines.append((number, str(err)))
                 continue
-            if not isinstance(item, dict):
-                errors.lines.append((number, "not a JSON object"))
+            if task != Task.code:
+                errors.lines.append((number, "'tests' are for task 'code'"))
                 continue
-            required = ("problem",) if "tests" in item else ("problem", "answer")
-            missing = [key for key in required if not str(item.get(key, "")).strip()]
-            if missing:
-                errors.lines.append((number, f"missing {' and '.join(repr(m) for m in missing)}"))
-                continue
-            try:
-                task = Task(item.get("task") or (Task.code.value if "tests" in item else default_task.value))
-            except ValueError:
-                errors.lines.append((number, f"unknown task {item.get('task')!r}"))
-                continue
-            pid = str(item.get("id") or f"line{number}")
-            if pid in seen:
-                errors.lines.append((number, f"duplicate id {pid!r}"))
-                continue
-            tests = None
-            if "tests" in item:
-                try:
-                    tests = parse_tests(item["tests"])
-                except ValueError as err:
-                    errors.lines.append((number, str(err)))
-                    continue
-                if task != Task.code:
-                    errors.lines.append((number, "'tests' are for task 'code'"))
-                    continue
-            seen.add(pid)
-            answer = str(item.get("answer") or f"({len(tests or [])} tests)")
-            problems.append(Problem(pid, str(item["problem"]), answer, task, number, tests))
+        seen.add(pid)
+        answer = str(item[fields.answer]) if _present(item.get(fields.answer)) else f"({len(tests or [])} tests)"
+        problems.append(Problem(pid, str(item[fields.problem]), answer, task, number, tests))
     return problems, errors
 
 
@@ -325,15 +324,6 @@ def early_stop_counterfactual(done: list[ProblemOutcome], threshold: float) -> d
     }
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def backend_kind(backend: Backend) -> tuple[str, str | None]:
     """``(kind, model)`` of a backend, never its address: an evaluation's record names what ran it,
     not where it ran (URLs can hold hosts and credentials)."""
@@ -350,14 +340,13 @@ def provenance(dataset: str | Path, backend: Backend, params: RSAParams, *, limi
     from . import __version__
 
     kind, model = backend_kind(backend)
-    path = Path(dataset)
     return {
         "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model,
         "backend": kind,
         "seed": params.seed,
-        "dataset": {"name": path.stem, "path": str(path), "sha256": file_sha256(path), "limit": limit},
+        "dataset": {**identify(dataset), "limit": limit},
     }
 
 

