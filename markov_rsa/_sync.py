@@ -9,10 +9,10 @@ from typing import Any
 
 from ._controller import MarkovRSA, Problem
 from ._events import Event, EventHandler
-from ._http import OpenAIBackend
 from ._params import RSAParams, resolve_params
 from ._result import RSAResult
 from ._runlog import RunLog
+from ._settings import BackendSettings, Layers, make_backend
 
 
 def _both(log: RunLog, on_event: EventHandler) -> EventHandler:
@@ -28,7 +28,7 @@ def _both(log: RunLog, on_event: EventHandler) -> EventHandler:
 def solve(
     problem: Problem,
     *,
-    backend: str | Any,
+    backend: str | BackendSettings | Any,
     model: str | None = None,
     api_key: str | None = None,
     params: RSAParams | None = None,
@@ -40,7 +40,9 @@ def solve(
 ) -> RSAResult:
     """Solve one problem and block until done.
 
-    ``backend`` is an OpenAI base URL (``http://localhost:8000/v1``) or a :class:`Backend` object.
+    ``backend`` is an OpenAI base URL (``http://localhost:8000/v1``, with ``model``, ``api_key`` and
+    ``concurrency``), a :class:`BackendSettings` (``BackendSettings()`` reads ``MARKOV_RSA_*``), or a
+    :class:`Backend` object.
     Parameter overrides go as keywords (``n=8, t=3``) on top of ``preset`` and ``params``.
     ``run_dir`` logs the run as JSONL there (see :class:`RunLog`). Works from plain scripts and
     from inside a running event loop (a notebook): there the run goes to a worker thread.
@@ -53,9 +55,16 @@ def solve(
         if log is not None:
             handler = log if on_event is None else _both(log, on_event)
         try:
-            if isinstance(backend, str):
-                async with OpenAIBackend(backend, model, api_key, concurrency=concurrency) as http:
-                    return await MarkovRSA(http, resolved).solve(problem, handler)
+            if isinstance(backend, (str, BackendSettings)):
+                settings = backend if isinstance(backend, BackendSettings) else Layers().settings(
+                    BackendSettings,
+                    {"backend": [backend], "model": model, "backend_api_key": api_key, "concurrency": concurrency},
+                )
+                opened = make_backend(settings)
+                try:
+                    return await MarkovRSA(opened, resolved).solve(problem, handler)
+                finally:
+                    await opened.aclose()
             return await MarkovRSA(backend, resolved).solve(problem, handler)
         finally:
             if log is not None:

@@ -239,3 +239,15 @@ def test_rps_keeps_fractions(rate: float) -> None:
     throttle = rate_throttler(rate)
     assert throttle.rate_limit >= 1 and throttle.period <= max(10.0, 1 / rate)
     assert throttle.rate_limit / throttle.period == pytest.approx(rate, rel=0.01)
+
+
+def test_python_api_takes_backend_settings(fake_backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from markov_rsa import solve
+
+    _clean_env(monkeypatch)
+    server = fake_backend(length_mean=30, error_rate=0.0, aggregation_error_rate=0.0)
+    monkeypatch.setenv("MARKOV_RSA_BACKEND", server.base_url)
+    result = solve("What is 6 * 7?", backend=BackendSettings(max_retries=0), preset="smoke", seed=1)
+    assert result.answer == "42" and result.calls == server.stats.requests
+    with pytest.raises(ConfigError, match="backend"):
+        solve("x", backend="ftp://nowhere", preset="smoke")
