@@ -251,3 +251,44 @@ def test_python_api_takes_backend_settings(fake_backend: Any, monkeypatch: pytes
     assert result.answer == "42" and result.calls == server.stats.requests
     with pytest.raises(ConfigError, match="backend"):
         solve("x", backend="ftp://nowhere", preset="smoke")
+
+
+def test_all_rollouts_failed_exits_1(fake_backend: Any) -> None:
+    server = fake_backend(fault_rate_drop=1.0)
+    proc = run("solve", "x", "--backend", server.base_url, "--preset", "smoke", "--max-retries", "0", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["error"]["type"] == "run_failed"
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_interrupt_exits_130(fake_backend: Any) -> None:
+    import signal
+
+    server = fake_backend(fault_rate_hang=1.0)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MARKOV_RSA_")}
+    proc = subprocess.Popen(
+        [CLI, "solve", "x", "--backend", server.base_url, "--preset", "smoke", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base,
+    )
+    try:
+        # Wait until the run is under way (its first rollouts reached the server), then interrupt it.
+        deadline = 600
+        while server.stats.requests < 1 and deadline:
+            assert proc.poll() is None, proc.communicate()
+            threading_event_wait(0.05)
+            deadline -= 1
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert json.loads(out)["error"]["type"] == "interrupted"
+    assert "Traceback" not in err and err.strip().endswith("interrupted")
+
+
+def threading_event_wait(seconds: float) -> None:
+    """Yield the CPU while polling a counter of another process's progress."""
+    import threading
+
+    threading.Event().wait(seconds)
