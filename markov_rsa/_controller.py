@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._answers import extract_answer, vote
+from ._offload import offload
 from ._backend import Backend
 from ._errors import BackendError, ConfigError, RunError
 from ._events import (
@@ -389,8 +390,9 @@ class _Run:
             self.progress.calls = self.calls
         else:
             record.trace = outcome
-            # Off the loop: a long trace takes long enough to scan to stall other requests.
-            record.answer = await asyncio.to_thread(extract_answer, outcome.content or outcome.text, p.task.value)
+            # Off the loop when long: scanning a long trace would stall other requests.
+            text = outcome.content or outcome.text
+            record.answer = await offload(extract_answer, text, p.task.value, size=len(text))
             self.account(outcome)
         if record.trace is not None:
             await self.finish_trace(record, need_tail)
@@ -595,7 +597,8 @@ class _Run:
         if method == Selection.final_agg:
             try:
                 final_trace = await self.final_aggregation(alive)
-                answer = await asyncio.to_thread(extract_answer, final_trace.content or final_trace.text, p.task.value)
+                final_text = final_trace.content or final_trace.text
+                answer = await offload(extract_answer, final_text, p.task.value, size=len(final_text))
             except BackendError as err:
                 self.notes.append(f"final aggregation failed ({_short_reason(err)}); fell back to majority")
                 method = Selection.majority

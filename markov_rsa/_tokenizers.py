@@ -3,13 +3,13 @@ tokenizer file of the model, and tiktoken as a stated approximation."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import ConfigError
+from ._offload import offload
 
 
 @runtime_checkable
@@ -35,8 +35,8 @@ class Tokenizer(Protocol):
 class SyncTokenizer:
     """Wraps a pair of synchronous encode/decode functions (in-process tokenizers).
 
-    Every call runs in a worker thread: tokenizing a long trace takes long enough (tiktoken needs
-    about a second for 400 kB of text without spaces) to stall every other request on the loop.
+    Calls on long inputs run in a worker thread (see :func:`markov_rsa._offload.offload`):
+    tokenizing a long trace takes long enough to stall every other request on the loop.
     """
 
     def __init__(
@@ -56,11 +56,11 @@ class SyncTokenizer:
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
-        return await asyncio.to_thread(self._encode, text)
+        return await offload(self._encode, text, size=len(text))
 
     async def decode(self, ids: list[int]) -> str:
         """Text of ``ids``."""
-        return await asyncio.to_thread(self._decode, ids)
+        return await offload(self._decode, ids, size=len(ids))
 
 
 @functools.cache

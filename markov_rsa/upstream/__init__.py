@@ -1,6 +1,6 @@
 """The upstream layer: the only code that talks to inference servers.
 
-One client (httpx over the ``httpx-aiohttp`` transport) over one pool of upstreams (a single URL is
+One client (aiohttp) over one pool of upstreams (a single URL is
 a pool of one), one error family (:class:`markov_rsa.BackendError` with its
 :class:`markov_rsa.ErrorKind`), one retry policy, deadlines, size limits and the servers' tokenizers.
 The HTTP backend, the tokenizer calls, the health probes and the proxy's relay all use it.
