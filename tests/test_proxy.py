@@ -288,7 +288,7 @@ def test_per_request_overrides(fake_backend: Any, proxy: Any) -> None:
 
 def test_invalid_rsa_parameters_are_400_naming_the_field(fake_backend: Any, proxy: Any) -> None:
     upstream = fake_backend()
-    running = proxy(upstream, max_request_tokens=10_000)
+    running = proxy(upstream, max_request_tokens=10_000, strict_rsa=True)
     client = running.client()
     cases = [
         ({"rsa": {"n": -1}}, "rsa.n"),
@@ -296,7 +296,7 @@ def test_invalid_rsa_parameters_are_400_naming_the_field(fake_backend: Any, prox
         ({"rsa": {"shards": 2}}, "rsa.shards"),
         ({"rsa": "yes"}, "rsa"),
         ({"temperature": 9.0}, "temperature"),
-        ({"rsa": {"n": 16, "t": 2, "max_tokens": 1000}}, "rsa"),  # over the n*t*max_tokens cap
+        ({"rsa": {"n": 16, "t": 2, "max_tokens": 1000}}, "rsa.max_tokens"),  # over the token cap
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:

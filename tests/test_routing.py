@@ -242,7 +242,8 @@ def test_rsa_request_precedence_and_extras() -> None:
 def test_rsa_request_errors_name_the_field(rsa: dict[str, Any], extra: dict[str, Any], param: str) -> None:
     body = {"model": "m", "messages": MESSAGES, **extra}
     with pytest.raises(APIError) as caught:
-        parse_rsa_request(body, rsa, CONFIG)
+        # Strict: k above n and unknown fields are errors rather than clamped and ignored.
+        parse_rsa_request(body, rsa, CONFIG.model_copy(update={"strict_rsa": True}))
     assert caught.value.status == 400 and caught.value.param == param
 
 

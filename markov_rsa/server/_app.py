@@ -106,9 +106,18 @@ def _json_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as err:
         raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:
+        # The JSON decoder recurses once per level: a body nested deeper than the interpreter's
+        # recursion limit is refused like any other unreadable body.
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     return body
+
+
+def _internal_error(where: str) -> Response:
+    logger.exception("%s failed", where)
+    return APIError(500, "internal error", code="internal_error").response()
 
 
 class Proxy:
@@ -269,8 +278,7 @@ class Proxy:
         except ClientDisconnected:
             response = Response(status_code=499)
         except Exception:
-            logger.exception("chat completion failed")
-            response = APIError(500, "internal error", code="internal_error").response()
+            response = _internal_error("chat completion")
         if not isinstance(response, StreamingResponse):
             # Streams are counted when they end, and the in-flight gauge with them.
             gauge.dec()
@@ -335,6 +343,8 @@ class Proxy:
             response = err.response()
         except ClientDisconnected:
             response = Response(status_code=499)
+        except Exception:
+            response = _internal_error("completion")
         self._record("completions", "passthrough", response.status_code, started)
         return response
 
@@ -381,6 +391,8 @@ class Proxy:
             return err.response()
         except ClientDisconnected:
             return Response(status_code=499)
+        except Exception:
+            return _internal_error(request.url.path)
 
     async def health(self, request: Request) -> Response:
         """GET /health: the proxy process is alive (no auth, no upstream call)."""

@@ -63,6 +63,9 @@ class ServerSettings(Settings):
     max_queued_runs: int = Field(64, ge=0, description="RSA runs waiting for a slot; past it requests get 429.")
     log_prompts: bool = Field(False, description="Log request messages (off: prompts never reach the log).")
     rsa_by_default: bool = Field(True, description="Apply RSA to chat requests that do not say (rsa key absent).")
+    strict_rsa: bool = Field(
+        False, description="Answer 400 to an 'rsa' object with unknown fields or k > n (default: ignore, clamp)."
+    )
     heartbeat_s: float = Field(10.0, gt=0, description="Seconds between SSE keep-alive comments of streamed runs.")
     probe_interval_s: float = Field(2.0, gt=0, description="Seconds between probes of an upstream taken out.")
     health_interval_s: float = Field(10.0, gt=0, description="Seconds between health checks of every upstream.")

@@ -2,7 +2,9 @@
 
 The ``rsa`` body key follows Zyphra's RSA proxy: ``true``, ``false``, or an object whose fields
 override the server's defaults. Its fields are :class:`RSAParams`'s, checked by
-:func:`resolve_params`; nothing here lists them again.
+:func:`resolve_params`; nothing here lists them again. As Zyphra's proxy does, ``k`` above the
+population is clamped to it and fields it does not know are ignored; both are reported in the
+response's ``rsa`` object, and ``strict_rsa`` turns them back into 400s.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from ._errors import APIError
 
 # Keys of the ``rsa`` object that steer the proxy rather than the algorithm.
 PROXY_KEYS = ("enabled", "progress")
-# Zyphra's proxy accepts these server-level knobs per request; here they are server configuration
-# (--upstream-concurrency, --upstream-timeout, --upstream-max-retries), so they are accepted and ignored.
-IGNORED_KEYS = ("max_concurrency", "request_timeout", "max_retries")
+# Fields Zyphra's proxy documents for the ``rsa`` object. Those that are not RSAParams fields are
+# server configuration here (--upstream-concurrency, --upstream-timeout, --upstream-max-retries), so
+# they are accepted, even under strict_rsa, and reported as ignored.
+ZYPHRA_KEYS = ("verifier", "max_concurrency", "request_timeout", "max_retries")
 
 # Request fields that override the rollout defaults, mapped to the RSAParams field they set.
 # ``max_completion_tokens`` comes after ``max_tokens`` so that it wins, as it does on vLLM.
@@ -74,6 +77,11 @@ class ChatRoute:
     rsa_value: Any = None
 
 
+def _json_kind(value: Any) -> str:
+    kinds = {str: "a string", int: "a number", float: "a number", list: "an array", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def decide(body: dict[str, Any], raw: bytes, config: ServerConfig) -> ChatRoute:
     """RSA or pass-through: tools, ``n > 1``, ``rsa: false`` and ``{"enabled": false}`` pass through.
 
@@ -87,7 +95,7 @@ def decide(body: dict[str, Any], raw: bytes, config: ServerConfig) -> ChatRoute:
         forced = True
     rsa_value = body.get("rsa")
     if rsa_value is not None and not isinstance(rsa_value, (bool, dict)):
-        raise APIError(400, f"'rsa' must be true, false or an object, got {json.dumps(rsa_value)[:80]}", param="rsa")
+        raise APIError(400, f"'rsa' must be true, false or an object, got {_json_kind(rsa_value)}", param="rsa")
     n = body.get("n")
     passthrough = (
         bool(body.get("tools") or body.get("functions"))
@@ -104,7 +112,10 @@ def decide(body: dict[str, Any], raw: bytes, config: ServerConfig) -> ChatRoute:
                 body.pop("model", None)
             else:
                 body["model"] = model
-        raw = json.dumps(body).encode()
+        try:
+            raw = json.dumps(body).encode()
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
     return ChatRoute(rsa, body, raw, model, client_model if isinstance(client_model, str) else None, rsa_value)
 
 
@@ -120,44 +131,111 @@ class RSARequest:
     include_usage: bool = False
     request_extra: dict[str, Any] = field(default_factory=dict)
     chat_template_kwargs: dict[str, Any] | None = None
+    adjusted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Parameters the proxy changed from what was asked, as ``{name: {"requested", "used", "reason"}}``."""
+    ignored: list[str] = field(default_factory=list)
+    """Fields of the ``rsa`` object that had no effect."""
+
+    def report(self) -> dict[str, Any]:
+        """What the response's ``rsa`` object says about how the request was read."""
+        return {"adjusted": self.adjusted, "ignored": self.ignored}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clamp_k(overrides: dict[str, Any], defaults: RSAParams) -> dict[str, dict[str, Any]]:
+    """Zyphra's proxy draws ``min(k, n)`` candidates: a ``k`` above the population is lowered to it."""
+    n = overrides.get("n", defaults.n)
+    k = overrides.get("k", defaults.k)
+    if not (_is_int(n) and _is_int(k)) or not 1 <= n < k:
+        return {}
+    overrides["k"] = n
+    return {"k": {"requested": k, "used": n, "reason": f"k must not exceed the population n={n}"}}
+
+
+def _budget_error(params: RSAParams, origin: dict[str, str], limit: int) -> APIError | None:
+    """400 when the run could generate more than ``limit`` tokens, naming the field that takes it there.
+
+    Every call the run can make counts: N*T rollouts of ``max_tokens`` each, plus the final
+    aggregation call (of ``final_max_tokens``) when the selection may make one.
+    """
+    rounds = params.n * params.t * params.max_tokens
+    final_calls = params.calls - params.n * params.t
+    final_budget = params.final_max_tokens or params.max_tokens
+    total = rounds + final_calls * final_budget
+    if total <= limit:
+        return None
+    if rounds <= limit and params.final_max_tokens is not None:
+        culprit = origin.get("final_max_tokens", "rsa.final_max_tokens")
+    else:
+        # The request's own fields are named before the server's defaults, the budget first.
+        culprit = next(
+            (origin[name] for name in ("max_tokens", "final_max_tokens", "n", "t") if name in origin), "rsa"
+        )
+    formula = f"n*t*max_tokens = {params.n}*{params.t}*{params.max_tokens}"
+    if final_calls:
+        formula += f", plus {final_budget} for the final aggregation call,"
+    return APIError(
+        400,
+        f"{formula} = {total} tokens exceeds this server's limit of {limit} tokens per request (set by {culprit})",
+        param=culprit,
+        code="budget_exceeded",
+    )
+
+
+def _rsa_overrides(
+    rsa_value: Any, strict: bool, origin: dict[str, str], ignored: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """The RSAParams overrides of an ``rsa`` object, and whether it asks for progress chunks."""
+    overrides: dict[str, Any] = {}
+    if not isinstance(rsa_value, dict):
+        return overrides, False
+    for key, value in rsa_value.items():
+        if key in PROXY_KEYS:
+            continue
+        if key in RSAParams.model_fields:
+            overrides[key] = value
+            origin[key] = f"rsa.{key}"
+        elif key in ZYPHRA_KEYS or not strict:
+            ignored.append(str(key))
+        else:
+            raise APIError(
+                400,
+                f"unknown RSA parameter {key!r}; known: {', '.join(RSAParams.model_fields)}",
+                param=f"rsa.{key}",
+                code="invalid_value",
+            )
+    return overrides, bool(rsa_value.get("progress"))
 
 
 def parse_rsa_request(body: dict[str, Any], rsa_value: Any, config: ServerConfig) -> RSARequest:
     """Resolve the run's parameters: server defaults < the ``rsa`` object < request-level sampling fields.
 
     Request-level ``temperature``, ``top_p``, ``top_k``, ``seed`` and ``max_tokens`` (or
-    ``max_completion_tokens``) override the rollout defaults, as on Zyphra's proxy. Raises
-    :class:`APIError` 400 naming the offending field.
+    ``max_completion_tokens``) override the rollout defaults, as on Zyphra's proxy. Unless
+    ``config.strict_rsa``, a ``k`` above ``n`` is clamped and unknown ``rsa`` fields are ignored
+    (both reported by :meth:`RSARequest.report`). Raises :class:`APIError` 400 naming the
+    offending field.
     """
-    overrides: dict[str, Any] = {}
-    progress = False
     origin: dict[str, str] = {}
-    if isinstance(rsa_value, dict):
-        progress = bool(rsa_value.get("progress"))
-        for key, value in rsa_value.items():
-            if key in PROXY_KEYS or key in IGNORED_KEYS:
-                continue
-            overrides[key] = value
-            origin[key] = f"rsa.{key}"
+    ignored: list[str] = []
+    overrides, progress = _rsa_overrides(rsa_value, config.strict_rsa, origin, ignored)
     for request_key, param in REQUEST_OVERRIDES:
         value = body.get(request_key)
         if value is not None:
             overrides[param] = value
             origin[param] = request_key
+    adjusted = {} if config.strict_rsa else _clamp_k(overrides, config.defaults)
     try:
         params = resolve_params(None, overrides, base=config.defaults)
     except ConfigError as err:
         param = origin.get(err.param or "", f"rsa.{err.param}" if err.param else "rsa")
         raise APIError(400, f"invalid RSA parameter: {err}", param=param, code="invalid_value") from None
-    budget = params.n * params.t * params.max_tokens
-    if budget > config.max_request_tokens:
-        raise APIError(
-            400,
-            f"n*t*max_tokens = {params.n}*{params.t}*{params.max_tokens} = {budget} exceeds this server's "
-            f"limit of {config.max_request_tokens} tokens per request",
-            param="rsa",
-            code="budget_exceeded",
-        )
+    budget_error = _budget_error(params, origin, config.max_request_tokens)
+    if budget_error is not None:
+        raise budget_error
     messages = body.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise APIError(400, "'messages' must be a list of message objects", param="messages")
@@ -178,4 +256,6 @@ def parse_rsa_request(body: dict[str, Any], rsa_value: Any, config: ServerConfig
         include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
         request_extra={key: value for key, value in body.items() if key not in OWNED_FIELDS},
         chat_template_kwargs=template or None,
+        adjusted=adjusted,
+        ignored=ignored,
     )

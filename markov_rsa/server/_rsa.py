@@ -161,7 +161,9 @@ class RSAHandler:
             self._gauges()
             result = await self._solver(request, upstream_model).solve(request.messages, RunMetrics(self.metrics))
             outcome = "ok"
-            return rsa_completion(result, client_model)
+            completion = rsa_completion(result, client_model)
+            completion["rsa"].update(request.report())
+            return completion
         except asyncio.CancelledError:
             raise
         except Exception as err:
@@ -273,7 +275,7 @@ class RSAHandler:
                 state["outcome"], state["result"] = "ok", result
                 for frame in _answer_frames(writer, result, streamed, streamed_reasoning):
                     yield frame
-                yield writer.chunk({}, result.finish_reason or "stop", rsa=rsa_block(result))
+                yield writer.chunk({}, result.finish_reason or "stop", rsa={**rsa_block(result), **request.report()})
                 if request.include_usage:
                     yield writer.usage(result.usage)
                 yield DONE
