@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
         if data.get("type") == kind:
             out.append(data)
     return out
+
+
+def wait_until(condition: Callable[[], object], proc: subprocess.Popen[bytes], limit_s: float = 300) -> None:
+    """Poll ``condition`` (the log, the server's counters) while ``proc`` lives; the limit only stops a hung test."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
+        assert time.monotonic() < deadline, "the run never reached the expected point"
+        time.sleep(0.02)
 
 
 def final_population(run_dir: Path, rounds: int) -> dict[int, tuple[str, str | None]]:
@@ -60,20 +70,22 @@ def test_log_has_config_every_rollout_and_result(fake_backend: Any, tmp_path: Pa
 def test_sigkill_after_round_zero_then_resume(fake_backend: Any, tmp_path: Path) -> None:
     server = fake_backend(length_mean=60, length_sigma=0.05, tokens_per_second=120)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
+    # Round 0's four rollouts are answered; round 1's aggregations are held unanswered, so the
+    # process is killed mid-round 1 however slow the machine is.
+    server.hold(after=4)
     proc = subprocess.Popen(
         [CLI, "solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(killed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 60
-    while not records(killed, "round_end") and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: records(killed, "round_end") and server.stats.requests == 8, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert [e["round"] for e in records(killed, "round_end")] == [0]
     round0_before = [r for r in records(killed, "rollout") if r["round"] == 0]
     assert len(round0_before) == 4
 
+    server.release()
     server.reset_stats()
     resumed = cli("solve", "--resume", str(killed), "--backend", server.base_url, "--json", "-q")
     assert resumed.returncode == 0, resumed.stderr

@@ -24,6 +24,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
@@ -63,6 +65,7 @@ def _generation_endpoint(state: ServerState, kind: Literal["chat", "text"]) -> E
         except BadRequest as err:
             return error_response(err.status, str(err), err.param)
         number = state.record(body)
+        await state.wait_if_held(number)
         if (rejected := _rejected(state, body)) is not None:
             return rejected
         try:

@@ -256,9 +256,10 @@ class CompletionResponse(Response):
             return
         body = _dumps(full_body(job))
         headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        # Counted before the body goes out: a client holding the response must find it in the stats.
+        self._served(job)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self._served(job)
 
     async def _stream(self, call: _Call, send: Send, job: Job) -> None:
         config = self.state.config
@@ -282,8 +283,8 @@ class CompletionResponse(Response):
         if job.include_usage:
             tail += _sse(_chunk(job, [], usage=job.usage()))
         tail += b"data: [DONE]\n\n"
-        await send({"type": "http.response.body", "body": tail})
         self._served(job)
+        await send({"type": "http.response.body", "body": tail})
 
     async def _emit(self, call: _Call, send: Send, job: Job, first_token_at: float, rate: float) -> bool:
         """Send every choice's deltas at the times its tokens are produced; False if interrupted."""

@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -190,24 +191,41 @@ class FakeBackend:
 
     def reset_stats(self) -> None:
         """Zero the stats and restart the script (on the server's loop, between requests)."""
+        self._on_loop(app_state(self.app).reset)
+
+    def hold(self, after: int) -> None:
+        """Hold every generation request after the first ``after`` (counted since the last stats reset):
+        each is logged in the stats on arrival, then waits unanswered until :meth:`release`.
+
+        Lets a test stop a client at a known point (e.g. kill it while a round is in flight)
+        without racing the clock.
+        """
         state = app_state(self.app)
+        self._on_loop(lambda: setattr(state, "hold_from", after))
+
+    def release(self) -> None:
+        """Answer the held requests and stop holding."""
+        self._on_loop(app_state(self.app).release)
+
+    def _on_loop(self, action: Callable[[], object]) -> None:
+        """Run ``action`` on the server's loop between requests, and wait for it (directly when stopped)."""
         loop = self._loop
         if loop is None or self._thread is None or loop.is_closed():
-            state.reset()
+            action()
             return
         done = threading.Event()
 
-        def reset() -> None:
+        def run() -> None:
             try:
-                state.reset()
+                action()
             finally:
                 done.set()
 
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(reset)
+            loop.call_soon_threadsafe(run)
             done.wait(_STOP_TIMEOUT_S)
             return
-        state.reset()
+        action()
 
     def __enter__(self) -> Self:
         return self.start()

@@ -77,6 +77,9 @@ class ServerState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.semaphore: asyncio.Semaphore | None = None
         self.closing: asyncio.Future[None] | None = None
+        self.hold_from: int | None = None
+        """Generation requests from this arrival number on wait for :meth:`release` before answering."""
+        self._released: asyncio.Future[None] | None = None
 
     def bind(self) -> None:
         """Create the loop-bound objects for the running loop (once per loop the app runs on)."""
@@ -100,6 +103,21 @@ class ServerState:
         """Undo :meth:`close` for a server that starts again on a fresh loop."""
         self.closed = False
         self._loop = None
+
+    async def wait_if_held(self, number: int) -> None:
+        """Park request ``number`` while requests from :attr:`hold_from` on are held (or until shutdown)."""
+        if self.hold_from is None or number < self.hold_from:
+            return
+        assert self._loop is not None and self.closing is not None
+        if self._released is None or self._released.done():
+            self._released = self._loop.create_future()
+        await asyncio.wait({self._released, self.closing}, return_when=asyncio.FIRST_COMPLETED)
+
+    def release(self) -> None:
+        """Answer the held requests and hold no more. Call on the loop thread."""
+        self.hold_from = None
+        if self._released is not None and not self._released.done():
+            self._released.set_result(None)
 
     def reset(self) -> None:
         """Zero the stats and restart the script. Call on the loop thread."""
