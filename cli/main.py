@@ -29,7 +29,7 @@ from markov_rsa import (
     __version__,
 )
 from markov_rsa._datasets import Fields
-from markov_rsa._runlog import LoggedRun, RunLog, read_run_log
+from markov_rsa._runlog import LoggedRun, RunLog, read_run_log, resume_backend
 from markov_rsa._settings import CONFIG_ENV, PRESET_ENV, Layers, make_backend
 from markov_rsa.fake_backend import FakeBackendConfig
 from markov_rsa.fake_backend import serve as serve_fake_backend
@@ -170,7 +170,7 @@ async def run_solve(
         if show_progress and not isinstance(backend, OpenAIBackend):
             Console(stderr=True).print(f"[dim]loading {backend.name}...[/dim]")
         await check_backend(backend)
-        log = RunLog(run_dir, resuming=resume is not None) if run_dir else None
+        log = RunLog(run_dir, resume=resume) if run_dir else None
         display = ProgressDisplay(Console(stderr=True)) if show_progress else None
         try:
             with display if display is not None else contextlib.nullcontext():
@@ -198,6 +198,10 @@ def solve(
         None, "--resume", help="Continue the run logged in this directory; only missing rollouts are generated.",
         rich_help_panel=OUTPUT_PANEL,
     ),
+    force: bool = typer.Option(
+        False, "--force", help="With --resume: continue on a --backend or --model other than the log's.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object: the result, or {\"error\": {...}} on failure.",
         rich_help_panel=OUTPUT_PANEL,
@@ -214,7 +218,12 @@ def solve(
         else:
             params = settings.params
             problem_or_messages = read_problem(problem)
-        backend = make_backend(settings.backend)
+        backend_settings = settings.backend
+        if logged is not None:
+            # A resumed run continues on the log's backend and model unless --force says otherwise.
+            urls, model = resume_backend(logged, backend_settings.backend, backend_settings.model, force=force)
+            backend_settings = backend_settings.model_copy(update={"backend": urls, "model": model})
+        backend = make_backend(backend_settings)
         show = not quiet and not as_json and Console(stderr=True).is_terminal
         result = asyncio.run(run_solve(problem_or_messages, params, backend, show, run_dir, logged))
     if as_json:

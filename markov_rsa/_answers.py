@@ -15,11 +15,11 @@ import textwrap
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["VoteResult", "answers_equivalent", "extract_answer", "normalize_answer", "vote"]
+__all__ = ["TIE_RULES", "VoteResult", "answers_equivalent", "extract_answer", "normalize_answer", "vote"]
 
 _TASKS = ("math", "code", "general")
 
@@ -86,7 +86,7 @@ def _boxes(text: str) -> list[str]:
                 # An unclosed box (a trace cut off mid-answer) holds no answer; keep looking.
                 pos = match.end()
                 continue
-            content = text[i + 1 : end - 1].strip()
+            content = _box_value(text[i + 1 : end - 1])
             pos = end
         else:
             # ``\boxed 42``: TeX would take one token, but writers mean the whole word.
@@ -98,6 +98,52 @@ def _boxes(text: str) -> list[str]:
         if content:
             found.append(content)
     return found
+
+
+_ARITHMETIC_COMMANDS = re.compile(
+    r"\\(?:[dt]?frac|sqrt|cdot|times|div|pi|left|right|[,;:! ])(?![A-Za-z])"
+)
+
+
+def _top_level_equals(text: str) -> list[int]:
+    """Positions of the ``=`` signs outside braces that are not part of ``==``, ``<=``, ``>=``, ``!=``, ``:=``."""
+    found = []
+    depth = 0
+    for i, char in enumerate(text):
+        if char in "{([":
+            depth += 1
+        elif char in "})]":
+            depth -= 1
+        elif char == "=" and depth == 0:
+            before = text[i - 1] if i else ""
+            after = text[i + 1] if i + 1 < len(text) else ""
+            if before not in "<>!:=" and after != "=":
+                found.append(i)
+    return found
+
+
+def _is_arithmetic(text: str) -> bool:
+    """Numbers and operators only: no variable, no unknown command."""
+    rest = _ARITHMETIC_COMMANDS.sub(" ", text)
+    return bool(text.strip()) and re.search(r"[A-Za-z\\]", rest) is None and re.search(r"\d", rest) is not None
+
+
+def _box_value(content: str) -> str:
+    """The answer a box holds: the innermost of nested boxes (``\\boxed{\\boxed{3820}}``), and of a
+    chain of equalities between plain numbers (``160 + 80 + 20 = 360``) its right-hand side."""
+    content = content.strip()
+    while (match := _BOX.match(content)) is not None:
+        brace = match.end()
+        if brace < len(content) and content[brace] == "{" and _balanced(content, brace) == len(content):
+            content = content[brace + 1 : -1].strip()
+        else:
+            break
+    cuts = _top_level_equals(content)
+    if cuts:
+        sides = [content[a + 1 : b].strip() for a, b in zip([-1, *cuts], [*cuts, len(content)])]
+        if all(_is_arithmetic(side) for side in sides):
+            return sides[-1]
+    return content
 
 
 def _last_box(text: str) -> str | None:
@@ -151,7 +197,10 @@ def extract_answer(text: str, task: str = "math") -> str | None:
     """The final answer a trace gives, or None when it gives none.
 
     - ``math``: the content of the last complete ``\\boxed{...}`` (braces balanced, so nested
-      ``\\frac{1}{2}`` survives), also ``\\fbox{...}`` and the brace-less ``\\boxed 5``.
+      ``\\frac{1}{2}`` survives), also ``\\fbox{...}`` and the brace-less ``\\boxed 5``. A box
+      inside a box is one answer (``\\boxed{\\boxed{3820}}`` gives ``3820``); a chain of
+      equalities between plain numbers gives its right-hand side (``\\boxed{160 + 80 + 20 = 360}``
+      gives ``360``), while an equation with unknowns stays whole.
     - ``code``: the body of the last complete fenced code block, dedented and stripped.
     - ``general``: the rest of the line after the last ``Final answer:`` (any case; the next line
       when that one is empty), else the last ``\\boxed{...}``.
@@ -572,26 +621,39 @@ def answers_equivalent(a: str, b: str, task: str = "math") -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+TIE_RULES = ("more finished traces", "earlier first appearance")
+"""How clusters with equal votes are ordered, first rule first."""
+
+
 @dataclass(frozen=True)
 class VoteResult:
     """Outcome of a majority vote over extracted answers."""
 
     winner: str | None
-    """The representative of the largest cluster; None when no input had an answer."""
+    """The representative of the first-ranked cluster; None when no input had an answer."""
     tally: list[tuple[str, int]]
-    """``(representative, count)`` per cluster, most votes first, ties by first appearance."""
+    """``(representative, count)`` per cluster, most votes first, ties broken by :data:`TIE_RULES`."""
     clusters: list[list[int]]
     """Input indices of each cluster's members, in the order of ``tally``."""
     extracted: int
     """How many inputs had an answer."""
+    tied: list[str] = field(default_factory=list)
+    """When the top vote count is shared: the representatives sharing it, in ranked order."""
+    tie_rule: str | None = None
+    """When ``tied``: the rule of :data:`TIE_RULES` that put the winner first."""
 
 
-def vote(answers: Sequence[str | None], task: str = "math") -> VoteResult:
+def vote(answers: Sequence[str | None], task: str = "math", finished: Sequence[bool] | None = None) -> VoteResult:
     """Cluster equivalent answers and rank the clusters by size.
 
     Each answer joins the first cluster (in order of appearance) whose representative it is
     equivalent to, else starts a new one; the representative is the cluster's first answer as
     written (surrounding whitespace removed). None and blank answers are not votes.
+
+    Ties are broken deterministically, in the order of :data:`TIE_RULES`: the cluster with more
+    finished traces (``finished[i]``: the trace of answer ``i`` ended on its own, not at the token
+    budget) first, then the cluster whose first answer appeared earlier. A tie for first place is
+    reported in ``tied`` and ``tie_rule``.
     """
     _check_task(task)
     judge = _MathJudge() if task == "math" else None
@@ -616,14 +678,27 @@ def vote(answers: Sequence[str | None], task: str = "math") -> VoteResult:
             members.append([])
         cluster_of_key[key] = cluster
         members[cluster].append(index)
-    # sorted() is stable, so clusters with equal counts keep their order of first appearance.
-    order = sorted(range(len(keys)), key=lambda c: -len(members[c]))
+
+    def finished_count(cluster: int) -> int:
+        return sum(1 for i in members[cluster] if finished is not None and i < len(finished) and finished[i])
+
+    # Clusters are numbered in order of first appearance, so the index is the last tie-breaker.
+    order = sorted(range(len(keys)), key=lambda c: (-len(members[c]), -finished_count(c), c))
     tally = [(representatives[c], len(members[c])) for c in order]
+    tied_clusters = [c for c in order if len(members[c]) == len(members[order[0]])] if order else []
+    tied: list[str] = []
+    tie_rule = None
+    if len(tied_clusters) > 1:
+        tied = [representatives[c] for c in tied_clusters]
+        first, second = tied_clusters[0], tied_clusters[1]
+        tie_rule = TIE_RULES[0] if finished_count(first) != finished_count(second) else TIE_RULES[1]
     return VoteResult(
         winner=tally[0][0] if tally else None,
         tally=tally,
         clusters=[members[c] for c in order],
         extracted=extracted,
+        tied=tied,
+        tie_rule=tie_rule,
     )
 
 

@@ -30,7 +30,7 @@ from ._events import (
 from ._context import prompt_bound, prompt_tokens, shorten_tail, tails_budget
 from ._dispatch import Dispatcher
 from ._params import RSAParams, Schedule, Selection, Verifier
-from ._prompts import aggregation_messages, problem_text
+from ._prompts import aggregation_messages, aggregation_prompt, problem_text
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._tails import make_tail
 from ._tokenizers import Tokenizer, tiktoken_tokenizer
@@ -250,6 +250,8 @@ class _Run:
                     "seed": self.seed,
                     "tokenizer": self.tokenizer.name if self.tokenizer else None,
                     "backend": self.owner.backend.name,
+                    # A resumed run must continue on the same model (remote backends name it apart).
+                    "model": getattr(self.owner.backend, "model", None),
                     "messages": self.messages,
                 }
             )
@@ -506,9 +508,10 @@ class _Run:
         assert record.seed is not None
         if record.shown_tails is None:
             return self.request(self.messages, record.seed)
-        messages = aggregation_messages(
+        messages, quoted = aggregation_prompt(
             self.messages, record.shown_tails, self.params.task, prompt_dir=self.owner.prompt_dir
         )
+        record.quoted_lines = [line.to_dict() for line in quoted] or None
         return self.request(messages, record.seed)
 
     def check_survivors(self, round_index: int, records: list[RolloutRecord]) -> None:
@@ -572,7 +575,7 @@ class _Run:
             failed=sum(1 for r in population if not r.ok),
             retries=retries,
             wall_s=self.round_wall[round_index],
-            votes=vote([r.answer for r in pool], self.params.task.value).tally,
+            votes=vote([r.answer for r in pool], self.params.task.value, _finished(pool)).tally,
             excluded=sum(1 for r in population if r.ok and r.excluded is not None),
             verifier_fallback=any(r.excluded is not None for r in pool),
         )
@@ -587,7 +590,7 @@ class _Run:
     async def select(self, population: list[RolloutRecord], summaries: list[RoundSummary]) -> RSAResult:
         p = self.params
         alive = self.candidates(population)
-        tally = vote([r.answer for r in alive], p.task.value)
+        tally = vote([r.answer for r in alive], p.task.value, _finished(alive))
         method = p.selection
         if method == Selection.auto:
             method = Selection.majority if tally.extracted >= 2 else Selection.final_agg
@@ -604,6 +607,11 @@ class _Run:
                 method = Selection.majority
         if method == Selection.majority:
             if tally.winner is not None:
+                if tally.tie_rule is not None:
+                    self.notes.append(
+                        f"tied vote between {', '.join(tally.tied)} ({tally.tally[0][1]} each): "
+                        f"{tally.winner} won by {tally.tie_rule}"
+                    )
                 members = [alive[i] for i in tally.clusters[0]]
                 chosen = next((r for r in members if r.trace and r.trace.finished), members[0])
                 answer = tally.winner
@@ -636,6 +644,11 @@ class _Run:
             timings={"total_s": elapsed, **{f"round_{s.round}_s": s.wall_s for s in summaries}},
             notes=self.notes + self.context_notes(),
             stopped_early=self.stopped_early,
+            tie=(
+                {"answers": tally.tied, "votes": tally.tally[0][1], "winner": tally.winner, "rule": tally.tie_rule}
+                if method == Selection.majority and tally.tie_rule is not None
+                else None
+            ),
         )
         await self.emit(RunFinished(result))
         return result
@@ -683,6 +696,11 @@ class _Run:
             self.account(outcome)
             return outcome
         raise BackendError("the backend returned no result for the final aggregation")
+
+
+def _finished(records: Sequence[RolloutRecord]) -> list[bool]:
+    """Per record, whether its trace ended on its own (the vote's first tie-breaker)."""
+    return [r.trace is not None and r.trace.finished for r in records]
 
 
 def _short_reason(err: BackendError) -> str:

@@ -20,7 +20,7 @@ from ._datasets import BadRow, Fields, identify, read_rows
 from ._errors import MarkovRSAError
 from ._params import RSAParams, Task
 from ._result import RoundSummary, RSAResult
-from ._runlog import LOG_NAME, RunLog, read_run_log
+from ._runlog import LOG_NAME, RunLog, logged_result, read_run_log
 from ._sandbox import Sandbox
 from ._stats import MeanSE, mean_se
 
@@ -76,7 +76,9 @@ def load_dataset(
         except ValueError:
             errors.lines.append((number, f"unknown task {item.get(fields.task)!r}"))
             continue
-        pid = str(item.get(fields.id) or f"line{number}")
+        # Only a missing id is replaced: 0 and false are ids like any other.
+        given = item.get(fields.id)
+        pid = f"line{number}" if given is None or str(given).strip() == "" else str(given)
         if pid in seen:
             errors.lines.append((number, f"duplicate id {pid!r}"))
             continue
@@ -226,7 +228,11 @@ async def _solve_logged(
     run_dir = runs_dir / run_dir_name(problem.id)
     if resume and (run_dir / LOG_NAME).is_file():
         logged = read_run_log(run_dir)
-        with RunLog(run_dir, resuming=True) as log:
+        finished = logged_result(logged)
+        if finished is not None:
+            # A finished run is read back as it was: running it again would only append records.
+            return finished
+        with RunLog(run_dir, resume=logged) as log:
             return await MarkovRSA(backend, logged.params).solve(
                 logged.messages, log, existing=logged.records, seed=logged.seed
             )

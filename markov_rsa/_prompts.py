@@ -2,6 +2,11 @@
 
 Candidate text is full of braces (LaTeX, JSON, code), so nothing here goes through ``str.format``
 and inserted text is never scanned for placeholders again.
+
+Candidates cannot forge the prompt's structure: a line of a candidate that equals a line the
+template itself writes into the prompt (a ``=== Candidate i ===`` header for any ``i``, a section
+title such as ``Problem:``, an instruction line) is prefixed with :data:`QUOTE_PREFIX`. The change
+is visible to the model, and reported (:class:`Neutralised`) so a run log can record it.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +24,24 @@ from ._types import Message
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 FINAL_TEMPLATE = "final"
+QUOTE_PREFIX = "> "
+"""Put before a candidate's line that would read as a line of the prompt's own structure."""
+
+
+@dataclass(frozen=True)
+class Neutralised:
+    """A candidate line that was quoted because it equals a line of the prompt's template."""
+
+    candidate: int
+    """The candidate's label (1..K)."""
+    line: int
+    """The line number inside the candidate's text (1-based)."""
+    text: str
+    """The line as the candidate wrote it; the prompt carries ``QUOTE_PREFIX + text``."""
+
+    def to_dict(self) -> dict[str, int | str]:
+        """A JSON-ready dict."""
+        return {"candidate": self.candidate, "line": self.line, "text": self.text}
 
 
 @functools.cache
@@ -52,10 +76,53 @@ def fill(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(substitute, template)
 
 
-def render_candidates(tails: Sequence[str], prompt_dir: str | Path | None = None) -> str:
-    """The candidate blocks, labelled 1..K."""
+def _structure_line(line: str) -> re.Pattern[str] | None:
+    """A pattern matching the lines a template line can become, or None for a line that only places
+    inserted text (``{{tail}}``, ``{{problem}}``) or is blank. ``{{index}}`` stands for any label."""
+    stripped = line.strip()
+    if not _PLACEHOLDER.sub("", stripped).strip():
+        return None
+    parts = []
+    pos = 0
+    for match in _PLACEHOLDER.finditer(stripped):
+        parts.append(re.escape(stripped[pos : match.start()]))
+        parts.append(r"\d+" if match.group(1) == "index" else ".*")
+        pos = match.end()
+    parts.append(re.escape(stripped[pos:]))
+    return re.compile("".join(parts))
+
+
+@functools.cache
+def _structure(*templates: str) -> tuple[re.Pattern[str], ...]:
+    return tuple(
+        pattern for template in templates for line in template.splitlines() if (pattern := _structure_line(line))
+    )
+
+
+def neutralise(text: str, structure: Sequence[re.Pattern[str]], candidate: int) -> tuple[str, list[Neutralised]]:
+    """``text`` with each line that reads as a structure line quoted, and what was quoted."""
+    lines = text.split("\n")
+    found = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped and any(pattern.fullmatch(stripped) for pattern in structure):
+            found.append(Neutralised(candidate, number, line))
+            lines[number - 1] = QUOTE_PREFIX + line
+    return ("\n".join(lines), found) if found else (text, found)
+
+
+def render_candidates(
+    tails: Sequence[str], prompt_dir: str | Path | None = None, structure: Sequence[re.Pattern[str]] = ()
+) -> tuple[str, list[Neutralised]]:
+    """The candidate blocks, labelled 1..K, with lines matching ``structure`` quoted."""
     block = load_template("candidate", prompt_dir)
-    return "\n".join(fill(block, {"index": str(i), "tail": tail.rstrip()}) for i, tail in enumerate(tails, 1))
+    blocks = []
+    quoted: list[Neutralised] = []
+    for i, tail in enumerate(tails, 1):
+        safe, found = neutralise(tail.rstrip(), structure, i)
+        quoted.extend(found)
+        blocks.append(fill(block, {"index": str(i), "tail": safe}))
+    return "\n".join(blocks), quoted
 
 
 def problem_text(messages: Sequence[Message]) -> str:
@@ -74,9 +141,36 @@ def content_text(content: object) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
         )
     return str(content)
+
+
+def aggregation_prompt(
+    messages: Sequence[Message],
+    tails: Sequence[str],
+    task: Task,
+    *,
+    final: bool = False,
+    prompt_dir: str | Path | None = None,
+) -> tuple[list[Message], list[Neutralised]]:
+    """The conversation of one aggregation call, and the candidate lines that had to be quoted.
+
+    Earlier turns (system prompt, history) are kept as they are; the last user message becomes the
+    aggregation prompt: instructions, the problem, then the candidates, so the shared prefix is as
+    long as possible for backends with prefix caching.
+    """
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise ConfigError("the conversation has no user message to solve", param="messages")
+    template = load_template(FINAL_TEMPLATE if final else task.value, prompt_dir)
+    structure = _structure(template, load_template("candidate", prompt_dir))
+    candidates, quoted = render_candidates(tails, prompt_dir, structure)
+    prompt = fill(template, {"problem": problem_text(messages).strip(), "candidates": candidates})
+    head = [dict(m) for m in messages[:last_user]]
+    return [*head, {"role": "user", "content": prompt}], quoted
 
 
 def aggregation_messages(
@@ -87,19 +181,5 @@ def aggregation_messages(
     final: bool = False,
     prompt_dir: str | Path | None = None,
 ) -> list[Message]:
-    """The conversation of one aggregation call.
-
-    Earlier turns (system prompt, history) are kept as they are; the last user message becomes the
-    aggregation prompt: instructions, the problem, then the candidates, so the shared prefix is as
-    long as possible for backends with prefix caching.
-    """
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last_user is None:
-        raise ConfigError("the conversation has no user message to solve", param="messages")
-    template = load_template(FINAL_TEMPLATE if final else task.value, prompt_dir)
-    prompt = fill(
-        template,
-        {"problem": problem_text(messages).strip(), "candidates": render_candidates(tails, prompt_dir)},
-    )
-    head = [dict(m) for m in messages[:last_user]]
-    return [*head, {"role": "user", "content": prompt}]
+    """The conversation of one aggregation call (see :func:`aggregation_prompt`)."""
+    return aggregation_prompt(messages, tails, task, final=final, prompt_dir=prompt_dir)[0]

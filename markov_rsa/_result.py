@@ -33,6 +33,9 @@ class RolloutRecord:
     """Why the verifier excluded this trace from the aggregation pool and the vote (None: kept)."""
     failure: BackendError | None = field(default=None, repr=False, compare=False)
     """The error a failed rollout ended in (not logged; ``error`` holds its message)."""
+    quoted_lines: list[dict[str, Any]] | None = None
+    """Lines of the shown tails quoted in the prompt because they read as its own structure
+    (``candidate``, ``line``, original ``text``); None when there were none."""
 
     @property
     def ok(self) -> bool:
@@ -53,6 +56,8 @@ class RolloutRecord:
             data["excluded"] = self.excluded
         if self.fitted is not None:
             data["fitted"] = self.fitted
+        if self.quoted_lines:
+            data["quoted_lines"] = self.quoted_lines
         if self.trace is not None:
             data.update(
                 finish_reason=self.trace.finish_reason,
@@ -148,6 +153,8 @@ class RSAResult:
     stopped_early: dict[str, Any] | None = None
     """Where and why ``early_stop`` ended the run (round, answer, share, threshold, skipped_rounds);
     None when every round ran."""
+    tie: dict[str, Any] | None = None
+    """When the final vote's top count was shared: ``answers`` tied, ``votes`` each, ``winner``, ``rule``."""
 
     def to_dict(self, include_population: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (the CLI's ``--json`` output)."""
@@ -168,6 +175,7 @@ class RSAResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
             "stopped_early": self.stopped_early,
+            "tie": self.tie,
         }
         if include_population:
             data["population"] = [r.to_dict() for r in self.population]

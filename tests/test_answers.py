@@ -240,3 +240,43 @@ def test_vote_parses_each_distinct_answer_once(monkeypatch: pytest.MonkeyPatch) 
     assert [count for _, count in result.tally] == [7, 7, 6, 6, 6]
     assert sorted(parsed) == sorted(set(parsed))
     assert len(parsed) <= len(values)
+
+
+# --- answers seen in real runs --------------------------------------------------------------------
+
+
+def test_nested_boxes_hold_one_answer() -> None:
+    assert extract_answer(r"so \boxed{\boxed{3820}}.") == "3820"
+    assert extract_answer(r"\boxed{ \fbox{\frac{1}{2}} }") == r"\frac{1}{2}"
+    assert vote([extract_answer(r"\boxed{\boxed{3820}}"), extract_answer(r"\boxed{3820}")]).tally == [("3820", 2)]
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        (r"\boxed{160 + 80 + 20 = 360}", "360"),
+        (r"\boxed{2 \cdot 3 = 6}", "6"),
+        (r"\boxed{\frac{6}{4} = \frac{3}{2} = 1.5}", "1.5"),
+        # Equations with unknowns are answers in their own right and stay whole.
+        (r"\boxed{x^2 + y^2 = 1}", "x^2 + y^2 = 1"),
+        (r"\boxed{y = 2x + 3}", "y = 2x + 3"),
+        (r"\boxed{a \leq 3}", r"a \leq 3"),
+        (r"\boxed{f(x) = 3}", "f(x) = 3"),
+        (r"\boxed{3 <= 4}", "3 <= 4"),
+    ],
+)
+def test_chain_of_equalities_gives_its_right_hand_side(text: str, answer: str) -> None:
+    assert extract_answer(text) == answer
+
+
+def test_vote_ties_prefer_finished_traces_then_first_appearance() -> None:
+    by_finish = vote(["0", "42", "0", "42"], finished=[False, True, False, False])
+    assert by_finish.winner == "42"
+    assert by_finish.tied == ["42", "0"] and by_finish.tie_rule == "more finished traces"
+    by_order = vote(["0", "42"], finished=[True, True])
+    assert by_order.winner == "0" and by_order.tie_rule == "earlier first appearance"
+    assert vote(["0", "42", "42"]).tie_rule is None and vote(["0", "42", "42"]).tied == []
+    # The same inputs always give the same order.
+    assert {tuple(vote(["7", "5", "6"], finished=[True, True, True]).tally) for _ in range(3)} == {
+        (("7", 1), ("5", 1), ("6", 1))
+    }
