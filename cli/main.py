@@ -170,7 +170,7 @@ async def run_solve(
         if show_progress and not isinstance(backend, OpenAIBackend):
             Console(stderr=True).print(f"[dim]loading {backend.name}...[/dim]")
         await check_backend(backend)
-        log = RunLog(run_dir, resume=resume) if run_dir else None
+        log = RunLog(run_dir, resuming=resume is not None) if run_dir else None
         display = ProgressDisplay(Console(stderr=True)) if show_progress else None
         try:
             with display if display is not None else contextlib.nullcontext():

@@ -232,7 +232,7 @@ async def _solve_logged(
         if finished is not None:
             # A finished run is read back as it was: running it again would only append records.
             return finished
-        with RunLog(run_dir, resume=logged) as log:
+        with RunLog(run_dir, resuming=True) as log:
             return await MarkovRSA(backend, logged.params).solve(
                 logged.messages, log, existing=logged.records, seed=logged.seed
             )

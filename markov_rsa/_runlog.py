@@ -36,17 +36,17 @@ def new_run_id() -> str:
 class RunLog:
     """Writes a run's events to ``DIR/run.jsonl``. Use as an ``on_event`` handler.
 
-    A new log gets a fresh run id; a resumed one (``resume``, what :func:`read_run_log` found)
-    continues under the id of the run it continues.
+    A new log gets a fresh run id; a resumed one (``resuming``) continues under the id of the
+    run its config record names.
     """
 
-    def __init__(self, run_dir: str | Path, *, resume: LoggedRun | None = None) -> None:
+    def __init__(self, run_dir: str | Path, *, resuming: bool = False) -> None:
         self.dir = Path(run_dir)
         self.path = self.dir / LOG_NAME
-        if resume is None and self.path.exists() and self.path.stat().st_size > 0:
+        if not resuming and self.path.exists() and self.path.stat().st_size > 0:
             raise ConfigError(f"{self.path} already holds a run; resume it with --resume {self.dir}", param="run_dir")
-        self.resuming = resume is not None
-        self.run_id = resume.run_id if resume is not None else new_run_id()
+        self.resuming = resuming
+        self.run_id = _logged_run_id(self.path) if resuming else new_run_id()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._file: IO[str] = self.path.open("a", encoding="utf-8")
@@ -80,6 +80,22 @@ class RunLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _logged_run_id(path: Path) -> str:
+    """The run id of the config record of the log at ``path``."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                try:
+                    data = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(data, dict) and data.get("type") == "config" and isinstance(data.get("run"), str):
+                    return data["run"]
+    except OSError:
+        pass
+    raise ConfigError(f"{path} has no config record with a run id; cannot resume", param="resume")
 
 
 def rollout_record(record: RolloutRecord) -> dict[str, Any]:
@@ -166,7 +182,7 @@ def read_run_log(run_dir: str | Path) -> LoggedRun:
                     result = data
             except ConfigError:
                 raise
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 skipped.append(number)
                 warnings.warn(f"{where}: unreadable record skipped", stacklevel=2)
     if config is None:
