@@ -261,19 +261,31 @@ class _Run:
 
     async def run_rounds(self) -> tuple[list[RolloutRecord], list[RoundSummary]]:
         """Every slot of every round as its own task; a slot waits for what it needs (its parents
-        under ``dataflow``, the whole previous round under ``rounds``), then runs."""
+        under ``dataflow``, the whole previous round under ``rounds``), then runs.
+
+        A round's tasks are created when the first slot of the round before it finishes (no slot
+        can start earlier), so a long run holds the tasks of a few rounds, not of all of them.
+        """
         p = self.params
         dispatcher = Dispatcher(self.owner.backend)
         loop = asyncio.get_running_loop()
         self.round_closed = [loop.create_future() for _ in range(p.t)]
         slots: dict[tuple[int, int], asyncio.Task[RolloutRecord]] = {}
-        for round_index in range(p.t):
+        closed = False
+
+        def open_round(round_index: int) -> None:
+            if closed or round_index >= p.t or (round_index, 0) in slots:
+                return
             for slot in range(p.n):
-                slots[(round_index, slot)] = asyncio.create_task(self.run_slot(round_index, slot, dispatcher, slots))
+                task = asyncio.create_task(self.run_slot(round_index, slot, dispatcher, slots))
+                task.add_done_callback(lambda _, after=round_index + 1: open_round(after))
+                slots[(round_index, slot)] = task
+
         population: list[RolloutRecord] = []
         summaries: list[RoundSummary] = []
         try:
             for round_index in range(p.t):
+                open_round(round_index)
                 self.progress.round = round_index
                 self.progress.done = self.done_by_round[round_index]
                 self.progress.failed = self.failed_by_round[round_index]
@@ -288,6 +300,7 @@ class _Run:
                 if self.consensus_reached(summaries[-1]):
                     break
         finally:
+            closed = True  # no round opens any more, not even from a cancelled task's callback
             for task in slots.values():
                 task.cancel()
             await dispatcher.aclose()

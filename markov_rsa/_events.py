@@ -13,7 +13,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Progress:
-    """Counters of the run so far, attached to every event."""
+    """Counters of the run so far, attached to every event.
+
+    ``round`` is the oldest round not finished yet, ``done`` and ``failed`` count its rollouts;
+    under dataflow scheduling later rounds may already be running (``in_flight`` counts all).
+    """
 
     round: int = 0
     rounds: int = 0

@@ -23,6 +23,7 @@ from markov_rsa import (
     read_run_log,
 )
 from markov_rsa._controller import redraw_order
+from test_proxy import proxy  # noqa: F401 - the fixture
 
 PROBLEM = "What is 17 + 25 * 3?"
 NO_RETRY = {"max_retries": 0, "backoff_base": 0.01, "backoff_max": 0.02}
@@ -220,3 +221,38 @@ def test_eval_reports_accuracy_and_tokens_with_and_without_early_stop(fake_backe
     assert stop["stopped"] == len(unanimous) > 0
     assert stop["tokens_with"] < stop["tokens_without"]
     assert f"{stop['tokens_saved_fraction']:.1%} saved" in proc.stdout
+
+
+def test_the_proxy_reports_an_early_stop(fake_backend: Any, proxy: Any) -> None:
+    import httpx
+
+    upstream = fake_backend(length_mean=40, error_rate=0.0)
+    running = proxy(upstream)
+    body = {"model": "fake-reasoner", "messages": [{"role": "user", "content": PROBLEM}],
+            "rsa": {"n": 4, "k": 2, "t": 3, "early_stop": 0.75, "selection": "majority"}}
+    response = httpx.post(running.base_url + "/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    rsa = response.json()["rsa"]
+    assert rsa["stopped_early"]["round"] == 0 and rsa["stopped_early"]["skipped_rounds"] == 2
+    assert len(rsa["per_round"]) == 1
+
+
+async def test_calls_released_together_reach_the_backend_as_one_batch(fake_backend: Any) -> None:
+    # A batching backend (the local engine) must still get whole batches: everything released
+    # by the same event goes out in one generate() call.
+    server = fake_backend(length_mean=40)
+    batches: list[int] = []
+
+    class CountingBackend(OpenAIBackend):
+        def generate(self, requests: Any) -> Any:
+            batches.append(len(requests))
+            return super().generate(requests)
+
+    params = RSAParams(n=6, k=2, t=3, tail_tokens=20, max_tokens=300, seed=1, selection="majority",
+                       schedule="rounds")
+    async with CountingBackend(server.base_url) as backend:
+        await MarkovRSA(backend, params).solve(PROBLEM)
+        assert batches == [6, 6, 6]
+        batches.clear()
+        await MarkovRSA(backend, with_(params, schedule="dataflow")).solve(PROBLEM)
+    assert batches[0] == 6 and sum(batches) == 18

@@ -56,6 +56,7 @@ def rsa_block(result: RSAResult) -> dict[str, Any]:
         "usage": result.usage.to_dict(),
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "notes": list(result.notes),
+        "stopped_early": result.stopped_early,
     }
 
 
