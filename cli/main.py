@@ -294,7 +294,7 @@ def report(
     ),
     open_browser: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
     text_limit: int = typer.Option(
-        20_000, "--text-limit", help="Evaluation pages: characters of each rollout's text kept (start and end); 0 keeps all."
+        20_000, "--text-limit", min=0, help="Evaluation pages: characters of each rollout's text kept (start and end); 0 keeps all."
     ),
 ) -> None:
     """Write one self-contained HTML page (no network needed) for an evaluation, a run, or two evaluations."""

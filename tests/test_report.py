@@ -239,6 +239,13 @@ def test_two_evaluations_side_by_side(fake_backend: Any, tmp_path: Path, browser
     assert f"{100 * expected.mean:+.1f} pt" in text
     # One row per compared metric: the selected answers, then 3 metrics for the one shared round.
     assert page.evaluate("document.querySelectorAll('table')[0].querySelectorAll('tr').length") == 1 + 1 + 3
+    assert page.evaluate("document.querySelectorAll('svg.ibar').length") == 1 + 3
+    # The interval of the selected answers' difference is drawn around its mean, coloured when it excludes 0.
+    low, high = expected.mean - expected.ci95, expected.mean + expected.ci95
+    assert page.evaluate("document.querySelector('svg.ibar').classList.contains('diff-pos')") == (low > 0)
+    assert page.evaluate("(() => { const s = document.querySelector('svg.ibar'); const r = s.querySelector('.range');"
+                         " const x = +s.querySelector('circle').getAttribute('cx');"
+                         " return +r.getAttribute('x1') <= x && x <= +r.getAttribute('x2'); })()")
     # Both evaluations' curves: 3 metrics × (1 + 3) rounds in each chart.
     assert page.evaluate("document.querySelectorAll('svg.chart')[0].querySelectorAll('.pt').length") == 3 * (1 + T)
     assert page.evaluate("document.querySelectorAll('tr.changed').length") >= 1  # t differs

@@ -192,3 +192,32 @@ def run_graph(run: RunReport, gap: int = 6, row_gap: int = 58, target_width: int
     width = label_width + n * (cell + gap) + 8
     height = (rows[-1] + cell + 16) if rows else 40
     return RunGraph(int(width), int(height), cell, label_width, rows, boxes, edges)
+
+
+@dataclass
+class IntervalBar:
+    """A difference drawn as a point with its 95 % interval, on a scale shared by a column of them."""
+
+    width: int
+    zero: float
+    low: float
+    mean: float
+    high: float
+    positive: bool
+    """The interval lies wholly above zero."""
+    negative: bool
+    """The interval lies wholly below zero."""
+
+
+def interval_bars(intervals: list[tuple[float, float]], width: int = 180, pad: int = 8) -> list[IntervalBar]:
+    """``(mean, half-width)`` pairs placed on one symmetric scale around zero."""
+    reach = max([0.05, *(abs(m) + h for m, h in intervals)])
+    half = width / 2 - pad
+
+    def px(value: float) -> float:
+        return width / 2 + value / reach * half
+
+    return [
+        IntervalBar(width, px(0.0), px(m - h), px(m), px(m + h), m - h > 0, m + h < 0)
+        for m, h in intervals
+    ]

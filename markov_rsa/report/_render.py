@@ -10,7 +10,7 @@ import jinja2
 from .. import __version__
 from .._errors import ConfigError
 from .._eval import METRICS
-from ._charts import LineChart, SeriesData, format_tokens, line_chart, run_graph
+from ._charts import LineChart, SeriesData, format_tokens, interval_bars, line_chart, run_graph
 from ._compare import Comparison, compare
 from ._model import EvalReport, RunReport, is_eval_dir, is_run_dir, load_eval, load_run
 
@@ -98,8 +98,9 @@ def render_eval(report: EvalReport) -> str:
 def render_comparison(comparison: Comparison) -> str:
     """Two evaluations on one page."""
     by_round, by_tokens = _accuracy_charts([("A", comparison.a), ("B", comparison.b)])
+    bars = interval_bars([(d.diff.mean, d.diff.ci95) for d in comparison.differences])
     return _environment().get_template("compare_page.html.j2").render(
-        cmp=comparison, by_round=by_round, by_tokens=by_tokens
+        cmp=comparison, by_round=by_round, by_tokens=by_tokens, rows=list(zip(comparison.differences, bars))
     )
 
 
