@@ -191,6 +191,9 @@ def test_run_report_in_browser(fake_backend: Any, tmp_path: Path, browser: Chrom
 
     page, url = open_page(browser, target)
     assert_clean(page, url)
+    run_id = logged[0]["run"]
+    assert run_id and run_id in page.evaluate("document.querySelector('.meta').textContent")
+    assert "fake-reasoner" in page.evaluate("document.querySelector('.meta').textContent")
     assert page.evaluate("document.querySelectorAll('.cell').length") == 6 * T
     assert page.evaluate("document.querySelectorAll('.cell.st-failed').length") == sum(1 for r in logged if r["error"])
     assert page.evaluate("document.querySelectorAll('.cell.st-failed').length") >= 1

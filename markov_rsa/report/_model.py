@@ -98,6 +98,8 @@ class RunReport:
     outcome: ProblemOutcome | None
     """Scores per round when the right answer is known and the run finished."""
     skipped_lines: list[int] = field(default_factory=list)
+    run_id: str = ""
+    model: str | None = None
 
     @property
     def n(self) -> int:
@@ -325,13 +327,15 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
         params=params,
         seed=logged.seed,
         tokenizer=config.get("tokenizer"),
-        backend=backend_label(config.get("backend")),
+        backend=backend_label(logged.backend or config.get("backend")),
         rounds=rounds,
         summaries=summaries,
         groups=groups,
         result=result,
         outcome=outcome,
         skipped_lines=logged.skipped_lines,
+        run_id=logged.run_id,
+        model=logged.model,
     )
 
 
