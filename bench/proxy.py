@@ -7,6 +7,7 @@ the proxy under test). All figures come from one run, so their ratios are compar
 noisy machine.
 
     python bench/proxy.py [--clients 64] [--seconds 5] [--sequential 2000] [--rsa-runs 50]
+                          [--rss-requests 5000] [--huge-mb 50]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,12 +66,12 @@ def start_backend(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
     return proc, url
 
 
-def start_proxy(upstream: str, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(upstream: str, args: argparse.Namespace, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [
         sys.executable, "-m", "markov_rsa.server", "--upstream", upstream + "/v1", "--port", str(port),
         "--log-level", "warning", "--max-concurrent-runs", str(max(64, args.rsa_runs)),
-        "--upstream-concurrency", "512",
+        "--concurrency", "512", *extra,
     ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -78,6 +80,18 @@ def start_proxy(upstream: str, args: argparse.Namespace) -> tuple[subprocess.Pop
 
 
 # -- a minimal keep-alive HTTP/1.1 load generator ----------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -176,6 +190,88 @@ async def run_load(url: str, body: bytes, clients: int, *, seconds: float | None
     return load
 
 
+# -- a huge completion -------------------------------------------------------------------------------
+
+
+def serve_huge_completion(size: int) -> str:
+    """A loopback upstream (in a thread) whose chat completions carry ``size`` bytes of text."""
+    body = json.dumps({
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant",
+                                                                        "content": "x" * size + " \\boxed{42}"}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": size // 4, "total_tokens": 10 + size // 4},
+    }).encode()
+    models = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+    ready = threading.Event()
+    port = [0]
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                answer = body if b"/chat/completions" in head.split(b"\r\n", 1)[0] else models
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(answer))
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        port[0] = server.sockets[0].getsockname()[1]
+        ready.set()
+        await server.serve_forever()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    ready.wait(10)
+    return f"http://127.0.0.1:{port[0]}"
+
+
+def health_during_huge_completion(args: argparse.Namespace) -> None:
+    """/health latency of a proxy while it handles one RSA run over a huge completion."""
+    size = args.huge_mb * 1024 * 1024
+    upstream = serve_huge_completion(size)
+    proc, url = start_proxy(upstream, args, "--max-response-bytes", str(size + (16 << 20)), "--model", "m")
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": PROBLEM}],
+                "rsa": {"n": 2, "k": 2, "t": 2, "tail_tokens": 256, "max_tokens": 100}}
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            started = time.perf_counter()
+            reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900)
+            box.update(status=reply.status_code, seconds=time.perf_counter() - started)
+
+        worker = threading.Thread(target=run)
+        rss_before = rss_mb(proc.pid)
+        worker.start()
+        latencies = []
+        rss_peak = rss_before
+        with httpx.Client(timeout=30) as client:
+            while worker.is_alive():
+                started = time.perf_counter()
+                client.get(url + "/health")
+                latencies.append(time.perf_counter() - started)
+                rss_peak = max(rss_peak, rss_mb(proc.pid))
+                time.sleep(0.02)
+        worker.join()
+        latencies.sort()
+        print(f"\n/health while the proxy handles an RSA run (N=2, T=2) over {args.huge_mb} MB completions")
+        print(f"  run: status {box.get('status')} in {box.get('seconds', float('nan')):.1f} s; /health answered "
+              f"{len(latencies)} times, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+              f"max {latencies[-1] * 1000:.1f} ms (target < 100 ms); proxy RSS {rss_before:.0f} -> peak "
+              f"{rss_peak:.0f} MiB")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # -- RSA burst --------------------------------------------------------------------------------------
 
 
@@ -232,6 +328,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16, help="Tokens per simulated completion (pass-through).")
     parser.add_argument("--rate", type=float, default=0.0, help="Simulated tokens/s per stream (0: instant).")
     parser.add_argument("--rsa-runs", type=int, default=50, help="Concurrent RSA runs (N=8, K=4, T=2).")
+    parser.add_argument("--rss-requests", type=int, default=5000, help="Pass-through requests of the memory check.")
+    parser.add_argument("--huge-mb", type=int, default=50, help="Size of the huge completion (0: skip that check).")
     args = parser.parse_args()
     _uvloop()
 
@@ -260,6 +358,11 @@ def main() -> None:
         con_proxy = measured(pids, proxy_url, body, args.clients, seconds=args.seconds)
         _report(con_direct, con_proxy)
 
+        rss_start = rss_mb(proxy.pid)
+        asyncio.run(run_load(proxy_url, body, 16, count=args.rss_requests))
+        print(f"\nproxy RSS {rss_start:.1f} MiB before and {rss_mb(proxy.pid):.1f} MiB after {args.rss_requests} "
+              "more pass-through requests")
+
         params = {"n": 8, "k": 4, "t": 2, "tail_tokens": 64, "max_tokens": 256}
         print(f"\n{args.rsa_runs} concurrent RSA runs through the proxy, {params}")
         burst = asyncio.run(rsa_burst(proxy_url, args.rsa_runs, params))
@@ -269,6 +372,8 @@ def main() -> None:
         )
         if burst["first_error"]:
             print(f"  first error: {burst['first_error']}")
+        if args.huge_mb:
+            health_during_huge_completion(args)
     finally:
         for proc in (proxy, backend):
             proc.send_signal(signal.SIGINT)

@@ -111,8 +111,8 @@ class UpstreamPool:
             raise ConfigError("upstream concurrency must be at least 1", param="upstream_concurrency")
         named: dict[str, str] = {}
         for entry in urls:
-            name, url = _split_name(entry)
-            url = check_url(url, "upstream")
+            name, url = split_name(entry)
+            url = check_url(url)
             named.setdefault(url, name or f"upstream {len(named) + 1}")
         self.upstreams = [Upstream(url, name) for url, name in named.items()]
         self.per_upstream_concurrency = per_upstream_concurrency
@@ -245,7 +245,7 @@ class UpstreamPool:
                 self.mark_down(upstream, upstream.last_error or "health check failed")
 
 
-def _split_name(entry: str) -> tuple[str | None, str]:
+def split_name(entry: str) -> tuple[str | None, str]:
     """``NAME=URL`` gives an upstream the name clients see; a bare URL is named by its position."""
     name, sep, url = entry.partition("=")
     if sep and "://" not in name and name.strip():

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from ._errors import ConfigError
 from ._params import PRESETS, RSAParams, resolve_params
+from ._routing import split_name
 from .upstream import DEFAULT_MAX_RESPONSE_BYTES
 
 ENV_PREFIX = "MARKOV_RSA_"
@@ -193,7 +194,8 @@ class BackendSettings(Settings):
     @field_validator("backend")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
+        for entry in urls:
+            url = split_name(entry)[1]  # NAME=URL names an upstream in errors and metrics
             if url != "local" and not url.startswith(("http://", "https://")):
                 raise ValueError(f"backend URL must start with http:// or https://, got {url!r}")
         return [url.rstrip("/") for url in urls]
@@ -235,10 +237,11 @@ def make_backend(settings: BackendSettings) -> Any:
             max_batch_size=min(settings.concurrency, 16),
         )
     from ._http import OpenAIBackend
-    from ._routing import UpstreamPool, check_url
+    from ._routing import UpstreamPool
 
     check_tokenizer(settings.tokenizer)
-    pool = UpstreamPool([check_url(url) for url in settings.backend], per_upstream_concurrency=settings.concurrency)
+    # The pool checks each URL; NAME=URL entries name their upstream.
+    pool = UpstreamPool(settings.backend, per_upstream_concurrency=settings.concurrency)
     return OpenAIBackend(pool, settings.model, **settings.client_kwargs(), **settings.call_kwargs())
 
 

@@ -121,6 +121,11 @@ def test_named_upstreams() -> None:
         ("gpu-a", "http://10.0.0.1:8000/v1", "http://10.0.0.1:8000"),
         ("upstream 2", "http://10.0.0.2:8000/v1", "http://10.0.0.2:8000"),
     ]
+    # The same spelling works wherever backends are configured.
+    from markov_rsa._settings import BackendSettings, make_backend
+
+    backend = make_backend(BackendSettings.model_validate({"backend": ["gpu-a=http://10.0.0.1:8000/v1"]}))
+    assert [(u.name, u.base_url) for u in backend.client.pool.upstreams] == [("gpu-a", "http://10.0.0.1:8000/v1")]
 
 
 async def test_routed_backend_moves_past_a_dead_upstream(fake_backend: Any) -> None:

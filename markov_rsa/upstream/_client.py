@@ -235,6 +235,7 @@ class UpstreamClient:
         self.headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **auth, **(headers or {})}
         self._http: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str | None, int | None], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._targets: dict[tuple[str, str, str, bool], tuple[URL, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -310,8 +311,13 @@ class UpstreamClient:
                         deadline: float) -> tuple[aiohttp.ClientResponse, str]:
         """Send a request and read the response head, following same-origin 307/308 redirects."""
         http = self._client()
-        url = URL(self.url(upstream, path, root=root), encoded=True)
-        where = f"{upstream.name}: {method} {url.path}"
+        key = (upstream.base_url, method, path, root)
+        known = self._targets.get(key)
+        if known is None:
+            # Parsed once per route: a relayed request should cost the proxy well under a millisecond.
+            target = URL(self.url(upstream, path, root=root), encoded=True)
+            known = self._targets[key] = (target, f"{upstream.name}: {method} {target.path}")
+        url, where = known
         resent = False
         for _ in range(_MAX_REDIRECTS + 2):
             try:
