@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import importlib
 import os
 import shutil
 import tempfile
@@ -236,14 +238,28 @@ class LocalEngine:
 
     @contextlib.contextmanager
     def _quiet_progress(self, transformers: Any) -> Iterator[None]:
+        if self._progress:
+            yield
+            return
         hub_logging = transformers.utils.logging
         was_enabled = hub_logging.is_progress_bar_enabled()
-        if not self._progress and was_enabled:
+        if was_enabled:
             hub_logging.disable_progress_bar()
+        # The GGUF loader draws its "Converting and de-quantizing" bar with tqdm directly, past the
+        # switch above; its module's tqdm is swapped for a silent one while the model loads.
+        try:
+            gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        except ImportError:
+            gguf_utils = None
+        loud_tqdm = getattr(gguf_utils, "tqdm", None)
+        if loud_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(loud_tqdm, disable=True)
         try:
             yield
         finally:
-            if not self._progress and was_enabled:
+            if loud_tqdm is not None:
+                gguf_utils.tqdm = loud_tqdm
+            if was_enabled:
                 hub_logging.enable_progress_bar()
 
     def _check_memory(self, torch: Any, parameters: int, dtype: str, device: str, conversion: int = 0) -> None:
