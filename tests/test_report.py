@@ -138,10 +138,10 @@ def test_eval_report_in_browser(fake_backend: Any, tmp_path: Path, browser: Chro
     assert "characters omitted in this report" in page.evaluate("document.querySelector('#p1 .panel').textContent")
 
     # Phone width: the page itself does not scroll sideways (wide grids scroll in their own box).
-    phone, _ = open_page(browser, report, 390, 800, mobile=True)
-    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    phone, _ = open_page(browser, report, 320, 700, mobile=True)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
     phone.go_to_fragment("p0")
-    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
 
 
 def test_results_json_provenance_and_report_numbers(fake_backend: Any, tmp_path: Path) -> None:
@@ -213,6 +213,11 @@ def test_run_report_in_browser(fake_backend: Any, tmp_path: Path, browser: Chrom
     assert shown == parent.tail
     assert_clean(page, url)
 
+    # On a phone the grid scrolls in its own box; the page does not scroll sideways.
+    phone, _ = open_page(browser, target, 320, 700, mobile=True)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
+    assert phone.evaluate("document.querySelector('svg.graph').getBoundingClientRect().width") > 320
+
 
 def test_two_evaluations_side_by_side(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
     server = fake_backend(**BACKEND)
@@ -253,6 +258,8 @@ def test_two_evaluations_side_by_side(fake_backend: Any, tmp_path: Path, browser
     assert page.evaluate("document.querySelectorAll('svg.chart')[0].querySelectorAll('.pt').length") == 3 * (1 + T)
     assert page.evaluate("document.querySelectorAll('tr.changed').length") >= 1  # t differs
     assert distinct_colours(page.screenshot()) > 200
+    phone, _ = open_page(browser, target, 320, 700, mobile=True)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 320
 
 
 def test_report_bad_paths(tmp_path: Path) -> None:
