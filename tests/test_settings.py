@@ -292,3 +292,26 @@ def threading_event_wait(seconds: float) -> None:
     import threading
 
     threading.Event().wait(seconds)
+
+
+def _parsed(app: Any, args: list[str]) -> dict[str, Any]:
+    """The keyword arguments a command would be called with for ``args`` (flags parsed, nothing run)."""
+    import typer
+
+    command = typer.main.get_command(app)
+    return dict(command.make_context("cmd", list(args)).params)
+
+
+def test_older_spellings_are_hidden_aliases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from markov_rsa.cli.main import serve_app
+
+    _clean_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MARKOV_RSA_SERVE_API_KEYS", "env-key")
+    args = ["--upstream", "http://a:1/v1", "--backend", "http://b:2/v1", "--api-key", "in-1", "--client-api-keys",
+            "in-2", "--upstream-api-key", "out", "--rsa-n", "8", "--k", "2", "--no-rsa-by-default"]
+    config, _ = server_config(_parsed(serve_app, args))
+    assert sorted(config.upstream.backend) == ["http://a:1/v1", "http://b:2/v1"]
+    assert sorted(config.client_api_keys) == ["in-1", "in-2"] and config.upstream.backend_api_key == "out"
+    assert (config.defaults.n, config.defaults.k, config.rsa_by_default) == (8, 2, False)
+    assert server_config(_parsed(serve_app, ["--backend", "http://b:2/v1"]))[0].client_api_keys == ["env-key"]
