@@ -33,13 +33,13 @@ from markov_rsa._runlog import LoggedRun, RunLog, read_run_log, resume_backend
 from markov_rsa._settings import CONFIG_ENV, PRESET_ENV, Layers, make_backend
 from markov_rsa.fake_backend import FakeBackendConfig
 from markov_rsa.fake_backend import serve as serve_fake_backend
-from markov_rsa.server import ServerSettings
+from markov_rsa.server import ServerConfig
 
 from ._exits import EXIT_OK, EXIT_USAGE, fail, run_command, user_errors
 from ._help import GroupedCommand
 from ._options import given, model_options, with_signature
 from ._progress import ProgressDisplay
-from ._serve import serve_command
+from ._serve import SERVER_NESTED, serve_command
 
 app = typer.Typer(
     name="markov-rsa",
@@ -337,7 +337,7 @@ SERVE_OPTIONS = [
     # --rsa-<name>: Zyphra's proxy spells the RSA flags so; accepted, not listed.
     *model_options(RSAParams, RSA_PANEL, alias_prefix="rsa_"),
     *model_options(BackendSettings, BACKEND_PANEL),
-    *model_options(ServerSettings, SERVER_PANEL, aliases={"client_api_keys": ["--api-key"]}),
+    *model_options(ServerConfig, SERVER_PANEL, exclude=SERVER_NESTED, aliases={"client_api_keys": ["--api-key"]}),
 ]
 app.command("serve", help=serve_command.__doc__, cls=GroupedCommand)(with_signature(serve_command, SERVE_OPTIONS))
 

@@ -309,9 +309,9 @@ class ConfigFile:
 
 
 def _all_setting_names() -> set[str]:
-    from .server._config import ServerSettings
+    from .server._config import ServerConfig
 
-    return {*BackendSettings.model_fields, *ServerSettings.model_fields}
+    return {*BackendSettings.model_fields, *ServerConfig.model_fields} - {"upstream", "defaults"}
 
 
 @dataclass(frozen=True)
@@ -367,9 +367,12 @@ class Layers:
         except ConfigError as err:
             raise _named(err, origin) from None
 
-    def settings(self, model: type[Settings], flags: Mapping[str, Any]) -> Any:
-        """``model`` from file < environment < flags over its defaults."""
-        values, origin = self._merged(model, flags)
+    def settings(self, model: type[Settings], flags: Mapping[str, Any], fixed: Mapping[str, Any] | None = None) -> Any:
+        """``model`` from file < environment < flags over its defaults; ``fixed`` fields (already
+        resolved settings nested in ``model``) are taken as given and read from nowhere else."""
+        fixed = fixed or {}
+        values, origin = self._merged(model, flags, [name for name in model.model_fields if name not in fixed])
+        values.update(fixed)
         try:
             return model.model_validate(values)
         except ValidationError as err:
