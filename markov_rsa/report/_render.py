@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +37,13 @@ def _environment() -> jinja2.Environment:
 
 
 def cell_data(run: RunReport) -> dict[str, dict[str, Any]]:
-    """What the page shows when a rollout is clicked, keyed ``"round-slot"``."""
-    data: dict[str, dict[str, Any]] = {}
-    for rollouts in run.rounds:
-        for cell in rollouts:
-            if cell is None:
-                continue
-            data[f"{cell.round}-{cell.slot}"] = {
-                "round": cell.round,
-                "slot": cell.slot,
-                "parents": cell.parents,
-                "answer": cell.answer,
-                "correct": cell.correct,
-                "finish": cell.finish_reason,
-                "error": cell.error,
-                "prompt_tokens": cell.prompt_tokens,
-                "completion_tokens": cell.completion_tokens,
-                "latency_s": round(cell.latency_s, 3),
-                "attempts": cell.attempts,
-                "tail": cell.tail,
-                "reasoning": cell.reasoning,
-                "content": cell.content,
-                "chosen": cell.chosen,
-                "excluded": cell.excluded,
-            }
-    return data
+    """What the page shows when a rollout is clicked: its fields, keyed ``"round-slot"``."""
+    return {
+        f"{cell.round}-{cell.slot}": {**asdict(cell), "latency_s": round(cell.latency_s, 3)}
+        for rollouts in run.rounds
+        for cell in rollouts
+        if cell is not None
+    }
 
 
 def _accuracy_charts(reports: list[tuple[str, EvalReport]]) -> tuple[LineChart, LineChart]:

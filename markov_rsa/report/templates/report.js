@@ -45,7 +45,7 @@
     if (d.excluded) row(dl, "verifier", "excluded from the pool and the vote: " + d.excluded);
     row(dl, "answer", d.answer === null ? "none extracted" : d.answer);
     if (d.correct !== null && d.answer !== null) row(dl, "right?", d.correct ? "✓ right" : "✗ wrong");
-    row(dl, "finish", d.finish === null ? "–" : d.finish + (d.finish === "length" ? " (hit the token budget)" : ""));
+    row(dl, "finish", d.finish_reason === null ? "–" : d.finish_reason + (d.finish_reason === "length" ? " (hit the token budget)" : ""));
     row(dl, "tokens", d.prompt_tokens.toLocaleString() + " prompt · " + d.completion_tokens.toLocaleString() + " generated");
     row(dl, "time", d.latency_s.toFixed(2) + " s" + (d.attempts > 1 ? " · " + d.attempts + " attempts" : ""));
     row(dl, "parents", d.parents === null ? "none (round 0 samples the problem)" : d.parents.map(function (p) { return "slot " + p; }).join(", "));
