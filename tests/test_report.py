@@ -40,6 +40,18 @@ def browser() -> Iterator[Chromium]:
         yield instance
 
 
+def test_browser_sees_requests_and_errors(tmp_path: Path, browser: Chromium) -> None:
+    """The checks below are only as good as the harness: a page that fetches and logs is caught."""
+    page_file = tmp_path / "leaky.html"
+    page_file.write_text('<!doctype html><img src="http://127.0.0.1:9/pixel.png">'
+                         '<script>console.error("boom"); undefined_name();</script>')
+    page, url = open_page(browser, page_file)
+    page.evaluate("new Promise(done => { const img = document.querySelector('img');"
+                  " if (img.complete) done(); else img.onerror = img.onload = done; })")
+    assert page.log.requests[0] == url and "http://127.0.0.1:9/pixel.png" in page.log.requests
+    assert page.log.console_errors == ["boom"] and len(page.log.exceptions) == 1
+
+
 def small_dataset(tmp_path: Path, count: int = 6) -> Path:
     """The first problems of datasets/arith.jsonl; the first one carries markup that must stay text."""
     lines = DATASET.read_text().splitlines()[:count]
