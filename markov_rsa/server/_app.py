@@ -562,6 +562,7 @@ def run_server(
     level = (log_level or config.log_level.value).lower()
     log_config = logging_config(level, config.log_format.value)
     logging.config.dictConfig(log_config)
+    logging.captureWarnings(True)  # Python warnings too come out in the one log format
     app = create_app(config, backend_factory)
     uvicorn.run(
         app,
