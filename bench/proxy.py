@@ -230,11 +230,11 @@ def serve_huge_completion(size: int) -> str:
     return f"http://127.0.0.1:{port[0]}"
 
 
-def health_during_huge_completion(args: argparse.Namespace) -> None:
-    """/health latency of a proxy while it handles one RSA run over a huge completion."""
-    size = args.huge_mb * 1024 * 1024
-    upstream = serve_huge_completion(size)
-    proc, url = start_proxy(upstream, args, "--max-response-bytes", str(size + (16 << 20)), "--model", "m")
+def health_during_huge_completion(args: argparse.Namespace, upstream: str, cap: int | None) -> None:
+    """/health latency of a proxy while it handles one RSA run over a huge completion (``cap``: the
+    proxy's --max-response-bytes; None: its default)."""
+    extra = ("--max-response-bytes", str(cap)) if cap else ()
+    proc, url = start_proxy(upstream, args, *extra, "--model", "m")
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": PROBLEM}],
                 "rsa": {"n": 2, "k": 2, "t": 2, "tail_tokens": 256, "max_tokens": 100}}
@@ -247,10 +247,12 @@ def health_during_huge_completion(args: argparse.Namespace) -> None:
 
         worker = threading.Thread(target=run)
         rss_before = rss_mb(proc.pid)
-        worker.start()
         latencies = []
         rss_peak = rss_before
         with httpx.Client(timeout=30) as client:
+            for _ in range(20):  # a warm connection and a warm handler, as in service
+                client.get(url + "/health")
+            worker.start()
             while worker.is_alive():
                 started = time.perf_counter()
                 client.get(url + "/health")
@@ -259,7 +261,8 @@ def health_during_huge_completion(args: argparse.Namespace) -> None:
                 time.sleep(0.02)
         worker.join()
         latencies.sort()
-        print(f"\n/health while the proxy handles an RSA run (N=2, T=2) over {args.huge_mb} MB completions")
+        limit = f"--max-response-bytes {cap}" if cap else "the default --max-response-bytes"
+        print(f"\n/health while the proxy handles an RSA run (N=2, T=2) over {args.huge_mb} MB completions, {limit}")
         print(f"  run: status {box.get('status')} in {box.get('seconds', float('nan')):.1f} s; /health answered "
               f"{len(latencies)} times, p50 {statistics.median(latencies) * 1000:.1f} ms, "
               f"max {latencies[-1] * 1000:.1f} ms (target < 100 ms); proxy RSS {rss_before:.0f} -> peak "
@@ -373,7 +376,9 @@ def main() -> None:
         if burst["first_error"]:
             print(f"  first error: {burst['first_error']}")
         if args.huge_mb:
-            health_during_huge_completion(args)
+            huge = serve_huge_completion(args.huge_mb * 1024 * 1024)
+            health_during_huge_completion(args, huge, None)
+            health_during_huge_completion(args, huge, (args.huge_mb + 16) * 1024 * 1024)
     finally:
         for proc in (proxy, backend):
             proc.send_signal(signal.SIGINT)

@@ -459,7 +459,7 @@ class OpenAIBackend:
             return remote
         if self._tokenizer_path:
             return local_tokenizer(self._tokenizer_path)
-        fallback = tiktoken_tokenizer()
+        fallback = await asyncio.to_thread(tiktoken_tokenizer)  # reading the encoding takes a while
         logger.warning(
             "%s: the server has no tokenize endpoint and no --tokenizer was given: tails are cut with %s, "
             "kept a safety margin under tail_tokens", self.name, fallback.name,
