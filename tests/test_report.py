@@ -88,6 +88,22 @@ def rollouts(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r["type"] == "rollout"]
 
 
+def open_run_report(browser: Chromium, run_dir: Path) -> Page:
+    """Write a run's page with the CLI and open it; it loads clean."""
+    made = cli("report", str(run_dir))
+    assert made.returncode == 0, made.stderr
+    page, url = open_page(browser, run_dir / "report.html")
+    assert_clean(page, url)
+    return page
+
+
+def click_shows(page: Page, record: dict[str, Any], field: str) -> None:
+    """Clicking a rollout's cell shows the logged ``field`` of it in the detail panel."""
+    page.evaluate(f"document.querySelector('.cell[data-k=\"{record['round']}-{record['slot']}\"]')"
+                  ".dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+    assert record[field] in page.evaluate("document.querySelector('.panel').textContent")
+
+
 def test_eval_report_in_browser(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
     server = fake_backend(**BACKEND)
     out = tmp_path / "eval"
@@ -299,17 +315,11 @@ def test_run_report_shows_verifier_and_early_stop(fake_backend: Any, tmp_path: P
     assert result["stopped_early"] is not None and len(result["rounds"]) < 4
     excluded = [r for r in rollouts(run_dir) if r.get("excluded")]
     assert excluded
-    made = cli("report", str(run_dir))
-    assert made.returncode == 0, made.stderr
-
-    page, url = open_page(browser, run_dir / "report.html")
-    assert_clean(page, url)
+    page = open_run_report(browser, run_dir)
     assert page.evaluate("document.querySelectorAll('.cell').length") == 8 * len(result["rounds"])
     assert page.evaluate("document.querySelectorAll('.cell.excluded').length") == len(excluded)
     assert "stopped after round" in page.evaluate("document.body.textContent")
-    first = excluded[0]
-    page.evaluate(f"document.querySelector('.cell[data-k=\"{first['round']}-{first['slot']}\"]').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))")
-    assert first["excluded"] in page.evaluate("document.querySelector('.panel').textContent")
+    click_shows(page, excluded[0], "excluded")
 
 
 def test_unfinished_and_unreadable_runs(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
@@ -334,3 +344,15 @@ def test_unfinished_and_unreadable_runs(fake_backend: Any, tmp_path: Path, brows
     assert page.evaluate("document.querySelectorAll('.eval-main .fcell.m-error').length") == 1
     text = page.evaluate("document.body.textContent")
     assert f"Run log of {problems[2]} unreadable" in text and "has not finished" in text
+
+
+def test_run_report_shows_calls_fitted_to_the_context(fake_backend: Any, tmp_path: Path, browser: Chromium) -> None:
+    # A context too small for the aggregation prompts plus their budget: those calls are fitted.
+    server = fake_backend(length_mean=40, error_rate=0.0, aggregation_error_rate=0.0, max_model_len=300)
+    run_dir = tmp_path / "run"
+    proc = cli("solve", "What is 6 * 7?", "--backend", server.base_url, "--n", "4", "--k", "2", "--t", "2",
+               "--tail-tokens", "60", "--max-tokens", "200", "--seed", "1", "-q", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    fitted = [r for r in rollouts(run_dir) if r.get("fitted")]
+    assert fitted
+    click_shows(open_run_report(browser, run_dir), fitted[0], "fitted")

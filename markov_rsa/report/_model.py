@@ -53,6 +53,8 @@ class Rollout:
     """Whether this trace is the one the run returned."""
     excluded: str | None = None
     """Why the verifier kept this trace out of the pool and the vote (None: kept)."""
+    fitted: str | None = None
+    """How the call was fitted to the model's context (None: it fitted as it was)."""
 
     @property
     def length_capped(self) -> bool:
@@ -277,7 +279,7 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
     if result is not None and result.get("rounds"):
         summaries = [RoundSummary.from_dict(d) for d in result["rounds"]]
 
-    # Fields the reader does not model (the verifier's verdict) come from the raw records.
+    # Fields the reader does not model (the verifier's verdict, the context fit) come from the raw records.
     raw = {(int(d["round"]), int(d["slot"])): d for d in by_type.get("rollout", []) if "round" in d and "slot" in d}
     # A run that stopped early has fewer rounds than t; an unfinished one shows every planned round.
     planned = len(result["rounds"]) if result is not None and result.get("rounds") else logged.params.t
@@ -300,6 +302,7 @@ def load_run(run_dir: str | Path, *, gold: str | None = None, pid: str | None = 
                 content=shorten(trace.content, text_limit) if trace else "",
                 reasoning=shorten(trace.reasoning, text_limit) if trace else "",
                 excluded=(raw.get((round_index, slot)) or {}).get("excluded"),
+                fitted=(raw.get((round_index, slot)) or {}).get("fitted"),
             ))
         rounds.append(row)
     # A parent's tail is what its children were shown: read it from them.

@@ -43,6 +43,7 @@
     var dl = el("dl");
     if (d.error) row(dl, "failed", d.error);
     if (d.excluded) row(dl, "verifier", "excluded from the pool and the vote: " + d.excluded);
+    if (d.fitted) row(dl, "context", d.fitted);
     row(dl, "answer", d.answer === null ? "none extracted" : d.answer);
     if (d.correct !== null && d.answer !== null) row(dl, "right?", d.correct ? "✓ right" : "✗ wrong");
     row(dl, "finish", d.finish_reason === null ? "–" : d.finish_reason + (d.finish_reason === "length" ? " (hit the token budget)" : ""));
