@@ -388,7 +388,8 @@ def test_stop_does_not_hang_on_hanging_requests() -> None:
         time.sleep(0.01)
     started = time.perf_counter()
     server.stop()
-    assert time.perf_counter() - started < 3
+    # The hang lasts an hour; stopping must not wait for it (the bound leaves room for a busy machine).
+    assert time.perf_counter() - started < 60
     thread.join(5)
     assert outcome and outcome[0] != 200
 
@@ -404,14 +405,16 @@ async def test_token_rate(backend: Callable[..., FakeBackend]) -> None:
         response = await chat(server, max_tokens=100, stream=stream)
         elapsed = time.perf_counter() - started
         assert response.status_code == 200
-        assert 0.08 <= elapsed <= 0.5, (stream, elapsed)
+        # 100 tokens at 1000/s: never faster than the simulated rate. (How fast the machine adds
+        # nothing on top is bench/'s business: an upper bound here fails on a busy machine.)
+        assert elapsed >= 0.08, (stream, elapsed)
 
 
 async def test_time_to_first_token(backend: Callable[..., FakeBackend]) -> None:
     server = backend(ttft_s=0.15, length_mean=20)
     started = time.perf_counter()
     await chat(server)
-    assert 0.13 <= time.perf_counter() - started <= 0.6
+    assert time.perf_counter() - started >= 0.13
 
 
 async def test_concurrency_limit_queues_requests(backend: Callable[..., FakeBackend]) -> None:
@@ -422,7 +425,7 @@ async def test_concurrency_limit_queues_requests(backend: Callable[..., FakeBack
     assert all(r.status_code == 200 for r in responses)
     assert server.stats.max_in_flight == 2
     assert server.stats.in_flight == 0
-    assert 0.18 <= elapsed <= 1.0  # two waves of 0.1 s
+    assert elapsed >= 0.18  # two waves of 0.1 s, one after the other
 
 
 async def test_client_disconnect_mid_generation_is_cancelled(backend: Callable[..., FakeBackend]) -> None:
