@@ -269,6 +269,9 @@ def test_interrupt_exits_130(fake_backend: Any) -> None:
     proc = subprocess.Popen(
         [CLI, "solve", "x", "--backend", server.base_url, "--preset", "smoke", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base,
+        # A suite started in the background of a non-interactive shell ignores SIGINT, and so would
+        # the CLI it starts (Python keeps an inherited "ignore"): give the child the default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Wait until the run is under way (its first rollouts reached the server), then interrupt it.
