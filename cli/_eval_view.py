@@ -15,6 +15,7 @@ from rich.table import Table
 
 from markov_rsa import Backend, ConfigError, RSAParams
 from markov_rsa._datasets import Fields
+from markov_rsa._loop import run as run_loop
 from markov_rsa._eval import ProblemOutcome, evaluate, load_dataset, provenance, summarise, write_outputs
 
 
@@ -105,7 +106,7 @@ def run_eval(
             await backend.aclose()
 
     with bar if not bar.disable else contextlib.nullcontext():
-        outcomes, wall = asyncio.run(go())
+        outcomes, wall = run_loop(go())
     summary = summarise(outcomes, params, wall, provenance(dataset, backend, params, limit=limit))
     summary["skipped_lines"] = [{"line": n, "reason": why} for n, why in bad.lines]
     if out is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import json
@@ -29,6 +28,7 @@ from markov_rsa import (
     __version__,
 )
 from markov_rsa._datasets import Fields
+from markov_rsa._loop import run as run_loop
 from markov_rsa._runlog import LoggedRun, RunLog, read_run_log, resume_backend
 from markov_rsa._settings import CONFIG_ENV, PRESET_ENV, Layers, make_backend
 from markov_rsa.fake_backend import FakeBackendConfig
@@ -225,7 +225,7 @@ def solve(
             backend_settings = backend_settings.model_copy(update={"backend": urls, "model": model})
         backend = make_backend(backend_settings)
         show = not quiet and not as_json and Console(stderr=True).is_terminal
-        result = asyncio.run(run_solve(problem_or_messages, params, backend, show, run_dir, logged))
+        result = run_loop(run_solve(problem_or_messages, params, backend, show, run_dir, logged))
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     else:

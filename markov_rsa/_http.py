@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import re
 import time
@@ -30,7 +29,9 @@ from .upstream import (
     UpstreamClient,
     UpstreamResponse,
     discover_tokenizer,
+    dump_json,
     error_message,
+    load_json,
     parse_json,
     status_error,
 )
@@ -312,7 +313,9 @@ class OpenAIBackend:
             return Trace(
                 content=content,
                 reasoning=reasoning,
-                token_ids=[int(t) for t in ids] if isinstance(ids, list) else None,
+                # Kept as sent: converting thousands of ids per call costs more than the rest of
+                # the parse; the tail checks the slice it decodes (see make_tail).
+                token_ids=ids if isinstance(ids, list) else None,
                 finish_reason=choice.get("finish_reason"),
                 usage=Usage.from_dict(data.get("usage")),
                 attempts=attempts,
@@ -361,7 +364,7 @@ class OpenAIBackend:
 
     async def _read_stream(self, payload: dict[str, Any], on_delta: DeltaHandler, state: _StreamState) -> None:
         response = await self.client.open(
-            "POST", "/chat/completions", content=json.dumps(payload).encode(),
+            "POST", "/chat/completions", content=dump_json(payload),
             headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
         )
         async with response:
@@ -398,7 +401,7 @@ class OpenAIBackend:
                 if data == b"[DONE]":
                     return True
                 try:
-                    chunk = json.loads(data)
+                    chunk = load_json(data)
                 except ValueError:
                     raise BackendError(f"{where}: malformed JSON in the stream: {data[:120]!r}",
                                        kind=ErrorKind.protocol, retriable=True) from None

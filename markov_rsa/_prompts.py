@@ -99,8 +99,20 @@ def _structure(*templates: str) -> tuple[re.Pattern[str], ...]:
     )
 
 
+@functools.cache
+def _screen(structure: tuple[re.Pattern[str], ...]) -> re.Pattern[str] | None:
+    """One pattern that finds, anywhere in a text, a line that some structure line matches once stripped."""
+    if not structure:
+        return None
+    alternatives = "|".join(f"(?:{pattern.pattern})" for pattern in structure)
+    return re.compile(rf"^[^\S\n]*(?:{alternatives})[^\S\n]*$", re.MULTILINE)
+
+
 def neutralise(text: str, structure: Sequence[re.Pattern[str]], candidate: int) -> tuple[str, list[Neutralised]]:
     """``text`` with each line that reads as a structure line quoted, and what was quoted."""
+    screen = _screen(tuple(structure))
+    if screen is None or screen.search(text) is None:
+        return text, []  # the usual case, found in one scan of the text instead of one per line and pattern
     lines = text.split("\n")
     found = []
     for number, line in enumerate(lines, 1):

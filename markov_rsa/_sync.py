@@ -9,6 +9,7 @@ from typing import Any
 
 from ._controller import MarkovRSA, Problem
 from ._events import Event, EventHandler
+from ._loop import run as run_loop
 from ._params import RSAParams, resolve_params
 from ._result import RSAResult
 from ._runlog import RunLog
@@ -73,12 +74,12 @@ def solve(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run())
+        return run_loop(run())
     box: dict[str, Any] = {}
 
     def worker() -> None:
         try:
-            box["result"] = asyncio.run(run())
+            box["result"] = run_loop(run())
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = err
 

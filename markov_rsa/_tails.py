@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 from dataclasses import dataclass
 
 from ._tokenizers import Tokenizer
@@ -54,9 +55,8 @@ async def make_tail(trace: Trace, tail_tokens: int, tokenizer: Tokenizer, align_
     if tail_tokens == 0:
         return Tail(full, len(trace.token_ids) if trace.token_ids else -1, False)
     budget = tail_tokens if tokenizer.exact else max(1, int(tail_tokens * APPROXIMATE_MARGIN))
-    if trace.token_ids is not None and tokenizer.decodes_backend_ids:
-        ids = trace.token_ids
-    else:
+    ids = trace.token_ids
+    if ids is None or not tokenizer.decodes_backend_ids or not _all_ids(ids[-budget:]):
         ids = await _encode_end(full, budget, tokenizer)
     if len(ids) <= budget:
         return Tail(full, len(ids), False)
@@ -66,6 +66,11 @@ async def make_tail(trace: Trace, tail_tokens: int, tokenizer: Tokenizer, align_
     # The count is an upper bound once the cut moved to a line break; re-tokenizing to know it
     # exactly would cost a server round trip per trace.
     return Tail(f"{TRUNCATION_MARKER}\n{kept}", budget, True)
+
+
+def _all_ids(ids: list[Any]) -> bool:
+    """Whether every item is a token id (an integer): a server's token list is used as sent."""
+    return set(map(type, ids)) <= {int}
 
 
 async def _encode_end(text: str, tokens: int, tokenizer: Tokenizer) -> list[int]:

@@ -123,3 +123,24 @@ async def test_without_a_tokenizer_tails_are_approximate_within_tau(raw_upstream
     # A margin under tau in tiktoken's tokens, so the model's own count stays within tau.
     for tail in shown_tails(result):
         assert len(await encoding.encode(tail)) <= int(PARAMS.tail_tokens * 0.75)
+
+
+@pytest.mark.parametrize("token_ids", [["12", "13"] * 40, [1.5] * 80, [None] * 80])
+def test_token_ids_that_are_not_integers_are_not_decoded(token_ids: list[Any]) -> None:
+    """A server's token list is used as sent, so a list of anything but integers must not reach the
+    detokenizer: the tail is cut from the text, re-tokenized, instead."""
+    from markov_rsa._tails import make_tail
+    from markov_rsa._tokenizers import SyncTokenizer
+    from markov_rsa._types import Trace
+
+    decoded: list[list[Any]] = []
+
+    def decode(tokens: list[Any]) -> str:
+        decoded.append(tokens)
+        assert all(isinstance(t, int) for t in tokens), tokens
+        return text_of(tokens)
+
+    tokenizer = SyncTokenizer("bytes", ids, decode, exact=True, decodes_backend_ids=True)
+    tail = asyncio.run(make_tail(Trace(content=LONG, token_ids=token_ids), 24, tokenizer))
+    assert tail.truncated and decoded == [ids(LONG)[-24:]]
+    assert tail.text.endswith(ANSWER[-10:])

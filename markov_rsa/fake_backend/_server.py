@@ -14,6 +14,7 @@ from typing import Any, Self
 
 import uvicorn
 
+from .._loop import available, new_event_loop
 from ._app import app_state, create_app
 from ._config import FakeBackendConfig
 from ._state import SimulatedDrop
@@ -34,22 +35,6 @@ def _quiet_simulated_faults() -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _QuietSimulatedFaults) for f in logger.filters):
         logger.addFilter(_QuietSimulatedFaults())
-
-
-def _http_implementation() -> str:
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return "h11"
-    return "httptools"
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class _Server(uvicorn.Server):
@@ -93,7 +78,7 @@ def _uvicorn_config(app: Any, host: str, port: int, embedded: bool) -> uvicorn.C
         app,
         host=host,
         port=port,
-        http=_http_implementation(),
+        http="httptools" if available("httptools") else "h11",
         lifespan="off",
         log_level="warning",
         access_log=False,
@@ -159,7 +144,7 @@ class FakeBackend:
         return self
 
     def _run(self, sock: socket.socket) -> None:
-        loop = _new_event_loop()
+        loop = new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
         assert self._server is not None

@@ -27,6 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .._backend import Backend
 from .._errors import ConfigError
 from .._http import OpenAIBackend
+from .._loop import available
 from .._routing import UpstreamPool
 from ..upstream import UpstreamClient
 from ._config import ServerConfig
@@ -536,14 +537,6 @@ def create_app(config: ServerConfig, backend_factory: Callable[[], Backend] | No
     return app
 
 
-def _available(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
 def run_server(
     config: ServerConfig,
     host: str | None = None,
@@ -568,8 +561,8 @@ def run_server(
         app,
         host=host or config.host,
         port=port or config.port,
-        loop="uvloop" if _available("uvloop") else "asyncio",
-        http="httptools" if _available("httptools") else "h11",
+        loop="uvloop" if available("uvloop") else "asyncio",
+        http="httptools" if available("httptools") else "h11",
         log_level=level,
         log_config=log_config,
         access_log=config.access_log,

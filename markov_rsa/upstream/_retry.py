@@ -78,13 +78,33 @@ class RetryPolicy:
         )
 
     async def call(self, call: Callable[[], Awaitable[T]], may_retry: Callable[[], bool] = lambda: True) -> tuple[T, int]:
-        """``(result, attempts)`` of ``call`` under this policy; the last :class:`BackendError` carries ``attempts``."""
+        """``(result, attempts)`` of ``call`` under this policy; the last :class:`BackendError` carries ``attempts``.
+
+        The first attempt runs before any tenacity machinery is set up (almost every call succeeds
+        at once, and a retry loop costs tens of microseconds per call); its failure becomes the
+        loop's first attempt, so waits and limits are the loop's alone.
+        """
+        try:
+            return await call(), 1
+        except BackendError as err:
+            if not (self.max_retries > 0 and self._may_retry(err) and may_retry()):
+                err.attempts = 1
+                raise
+            first: BackendError | None = err
         attempts = 0
+
+        async def attempt_call() -> T:
+            nonlocal first
+            if first is not None:
+                failed, first = first, None
+                raise failed
+            return await call()
+
         try:
             async for attempt in self.retrying(may_retry):
                 with attempt:
                     attempts += 1
-                    return await call(), attempts
+                    return await attempt_call(), attempts
         except BackendError as err:
             err.attempts = attempts
             raise
