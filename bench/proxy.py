@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -193,16 +194,14 @@ async def run_load(url: str, body: bytes, clients: int, *, seconds: float | None
 # -- a huge completion -------------------------------------------------------------------------------
 
 
-def serve_huge_completion(size: int) -> str:
-    """A loopback upstream (in a thread) whose chat completions carry ``size`` bytes of text."""
+def _huge_upstream(size: int, ports: Any) -> None:
+    """A loopback upstream whose chat completions carry ``size`` bytes of text (run in a child process)."""
     body = json.dumps({
         "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant",
                                                                         "content": "x" * size + " \\boxed{42}"}}],
         "usage": {"prompt_tokens": 10, "completion_tokens": size // 4, "total_tokens": 10 + size // 4},
     }).encode()
     models = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
-    ready = threading.Event()
-    port = [0]
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -221,13 +220,19 @@ def serve_huge_completion(size: int) -> str:
 
     async def serve() -> None:
         server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-        port[0] = server.sockets[0].getsockname()[1]
-        ready.set()
+        ports.put(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
-    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
-    ready.wait(10)
-    return f"http://127.0.0.1:{port[0]}"
+    asyncio.run(serve())
+
+
+def serve_huge_completion(size: int) -> str:
+    """A loopback upstream whose chat completions carry ``size`` bytes of text, in its own process:
+    in a thread of this one, copying 50 MB into sockets would hold the interpreter lock that the
+    /health measurements below need, and count its stalls against the proxy."""
+    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
+    multiprocessing.Process(target=_huge_upstream, args=(size, ports), daemon=True).start()
+    return f"http://127.0.0.1:{ports.get(timeout=60)}"
 
 
 def health_during_huge_completion(args: argparse.Namespace, upstream: str, cap: int | None) -> None:

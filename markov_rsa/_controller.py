@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._answers import extract_answer, vote
+from ._answers import VoteResult, extract_answer, vote
 from ._offload import offload
 from ._backend import Backend
 from ._errors import BackendError, ConfigError, RunError
@@ -294,7 +294,7 @@ class _Run:
                 self.round_wall[round_index] = time.perf_counter() - self.round_started_at.get(
                     round_index, time.perf_counter()
                 )
-                summaries.append(self.summarise(round_index, population))
+                summaries.append(await self.summarise(round_index, population))
                 self.round_closed[round_index].set_result(None)
                 await self.emit(RoundFinished(summaries[-1]))
                 if self.consensus_reached(summaries[-1]):
@@ -570,7 +570,7 @@ class _Run:
         )
         return True
 
-    def summarise(self, round_index: int, population: list[RolloutRecord]) -> RoundSummary:
+    async def summarise(self, round_index: int, population: list[RolloutRecord]) -> RoundSummary:
         usage = Usage()
         retries = 0
         for record in population:
@@ -579,6 +579,7 @@ class _Run:
                 retries += record.trace.attempts - 1
         answers = [r.answer for r in population]
         pool = self.candidates(population)
+        tally = await _vote(pool, self.params.task.value)
         return RoundSummary(
             round=round_index,
             answers=answers,
@@ -588,7 +589,7 @@ class _Run:
             failed=sum(1 for r in population if not r.ok),
             retries=retries,
             wall_s=self.round_wall[round_index],
-            votes=vote([r.answer for r in pool], self.params.task.value, _finished(pool)).tally,
+            votes=tally.tally,
             excluded=sum(1 for r in population if r.ok and r.excluded is not None),
             verifier_fallback=any(r.excluded is not None for r in pool),
         )
@@ -603,7 +604,7 @@ class _Run:
     async def select(self, population: list[RolloutRecord], summaries: list[RoundSummary]) -> RSAResult:
         p = self.params
         alive = self.candidates(population)
-        tally = vote([r.answer for r in alive], p.task.value, _finished(alive))
+        tally = await _vote(alive, p.task.value)
         method = p.selection
         if method == Selection.auto:
             method = Selection.majority if tally.extracted >= 2 else Selection.final_agg
@@ -709,6 +710,12 @@ class _Run:
             self.account(outcome)
             return outcome
         raise BackendError("the backend returned no result for the final aggregation")
+
+
+async def _vote(records: Sequence[RolloutRecord], task: str) -> VoteResult:
+    """The vote over ``records``' answers, in a worker thread: comparing answers symbolically
+    (math-verify, sympy) can take far longer than a loop shared with other runs may stall."""
+    return await asyncio.to_thread(vote, [r.answer for r in records], task, _finished(records))
 
 
 def _finished(records: Sequence[RolloutRecord]) -> list[bool]:

@@ -148,3 +148,25 @@ async def test_multi_turn_history_is_kept_in_aggregation(fake_backend: Any) -> N
     for body in aggregation:
         assert body["messages"][:3] == messages[:3]
         assert body["messages"][3]["role"] == "user"
+
+
+async def test_votes_run_off_the_event_loop(fake_backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Comparing answers symbolically can take long: every vote of a run (each round's tally and
+    the final selection) runs in a worker thread, never on the loop other requests share."""
+    import threading
+
+    import markov_rsa._controller as controller
+
+    threads: list[int] = []
+    real_vote = controller.vote
+
+    def recording_vote(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real_vote(*args)
+
+    monkeypatch.setattr(controller, "vote", recording_vote)
+    server = fake_backend(length_mean=60)
+    result, _ = await run(server, RSAParams(n=3, k=2, t=2, tail_tokens=20, max_tokens=200, seed=1, selection="majority"))
+    assert result.answer is not None
+    assert len(threads) == 3  # two rounds' tallies and the selection
+    assert threading.get_ident() not in threads

@@ -140,6 +140,7 @@ class Proxy:
         self.backend: Backend | None = None
         self.rsa: RSAHandler | None = None
         self._start_lock = asyncio.Lock()
+        self._warm_up: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -161,9 +162,24 @@ class Proxy:
             # One client for RSA calls, tokenizer calls, health probes and pass-through alike.
             self.client = UpstreamClient(self.pool, **upstream.client_kwargs())
             self.relay = Relay(self.client, self.metrics)
-            self.backend = OpenAIBackend(self.client, upstream.model, **upstream.call_kwargs())
+            backend = self.backend = OpenAIBackend(self.client, upstream.model, **upstream.call_kwargs())
             self.client.start()
+            self._warm_up = asyncio.create_task(self._find_tokenizer(backend), name="markov-rsa-tokenizer")
         self.rsa = RSAHandler(config, self.backend, self.limiter, self.metrics, model_in_extra=self.pool is not None)
+
+    async def _find_tokenizer(self, backend: OpenAIBackend) -> None:
+        """Find the upstreams' tokenizer before the first run needs it, once one answers.
+
+        Without a tokenize endpoint that means reading tiktoken's encoding, which holds the
+        interpreter for a good part of a second even in a worker thread: done on the first run,
+        it would stall every other request then. An upstream that is not up yet is left to the
+        first run, so that a server still starting is not taken for one without a tokenizer.
+        """
+        try:
+            if any(await self.client.check()) if self.client is not None else False:
+                await backend.get_tokenizer()
+        except Exception:  # noqa: BLE001 - the first run will find it, or say why
+            logger.debug("finding the tokenizer at start failed", exc_info=True)
 
     async def ensure_started(self) -> None:
         """Start on first use when the server ran without lifespan events (``--lifespan off``)."""
@@ -174,6 +190,9 @@ class Proxy:
 
     async def stop(self) -> None:
         """Close connections and stop health checks."""
+        if self._warm_up is not None:
+            self._warm_up.cancel()
+            await asyncio.gather(self._warm_up, return_exceptions=True)
         if self.backend is not None:
             await self.backend.aclose()
         if self.client is not None:
