@@ -65,7 +65,9 @@ def serve() -> Iterator[Callable[..., Served]]:
     def start(*args: str) -> Served:
         served = Served(*args)
         started.append(served)
-        served.wait_for(lambda line: "Uvicorn running" in line or "Application startup complete" in line)
+        # uvicorn says it is running once the socket listens; "Application startup complete" comes
+        # before the socket is bound, so a request right after it can be refused.
+        served.wait_for(lambda line: "Uvicorn running" in line)
         return served
 
     yield start
