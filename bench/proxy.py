@@ -280,6 +280,41 @@ def health_during_huge_completion(args: argparse.Namespace, upstream: str, cap: 
             proc.kill()
 
 
+# -- the floor: a byte relay ------------------------------------------------------------------------
+
+
+def _byte_relay(upstream: str, ports: Any) -> None:
+    """Forward each connection's bytes to ``upstream`` and back, nothing else (run in a child process)."""
+    host, port = upstream.removeprefix("http://").split(":")
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    _uvloop()
+    asyncio.run(serve())
+
+
+def start_byte_relay(upstream: str) -> str:
+    """A bare TCP relay in front of ``upstream``, in its own process: the least any proxy adds."""
+    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
+    multiprocessing.Process(target=_byte_relay, args=(upstream, ports), daemon=True).start()
+    return f"http://127.0.0.1:{ports.get(timeout=60)}"
+
+
 # -- RSA burst --------------------------------------------------------------------------------------
 
 
@@ -360,6 +395,10 @@ def main() -> None:
         seq_direct = measured(pids, backend_url, direct_body, 1, count=args.sequential)
         seq_proxy = measured(pids, proxy_url, body, 1, count=args.sequential)
         _report(seq_direct, seq_proxy)
+        relay_url = start_byte_relay(backend_url)
+        seq_relay = asyncio.run(run_load(relay_url, direct_body, 1, count=args.sequential))
+        print(f"  a bare byte relay on the same path adds p50 {seq_relay.pct(0.5) - seq_direct.pct(0.5):+.3f} ms: "
+              "the rest of the proxy's figure is its work per request")
 
         print(f"\npass-through, {args.clients} concurrent clients, {args.seconds:g} s each")
         con_direct = measured(pids, backend_url, direct_body, args.clients, seconds=args.seconds)
