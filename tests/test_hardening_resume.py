@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from test_cli import assert_one_line_error, cli
-from test_runlog import ARGS, PROBLEM
+from test_runlog import ARGS, PROBLEM, through_round_zero
 
 RESUME = ["--json", "-q"]
 
@@ -16,11 +16,10 @@ def half_run(server: Any, run_dir: Path) -> list[str]:
     """A finished run's log cut back to its config and round 0, as a crash after round 0 leaves it."""
     proc = cli("solve", PROBLEM, "--backend", server.base_url, *ARGS, "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
-    lines = (run_dir / "run.jsonl").read_text().splitlines()
-    cut = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "round_end")
-    (run_dir / "run.jsonl").write_text("\n".join(lines[: cut + 1]) + "\n")
+    kept, _ = through_round_zero((run_dir / "run.jsonl").read_text().splitlines())
+    (run_dir / "run.jsonl").write_text("\n".join(kept) + "\n")
     server.reset_stats()
-    return lines[: cut + 1]
+    return kept
 
 
 def test_every_record_carries_the_run_id(fake_backend: Any, tmp_path: Path) -> None:

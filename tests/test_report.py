@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from _browser import Chromium, Page, chromium, distinct_colours, find_chromium
 from test_cli import assert_one_line_error, cli
+from test_runlog import through_round_zero
 
 from markov_rsa import call_seed
 from markov_rsa._stats import mean_se, paired_difference
@@ -331,9 +332,7 @@ def test_unfinished_and_unreadable_runs(fake_backend: Any, tmp_path: Path, brows
     problems = [row["id"] for row in csv.DictReader((out / "problems.csv").open())]
     # One run killed after its first round, one whose log is no run log at all.
     cut = out / "runs" / problems[1] / "run.jsonl"
-    lines = cut.read_text().splitlines()
-    end_of_round_0 = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "round_end")
-    cut.write_text("\n".join(lines[: end_of_round_0 + 1]) + "\n")
+    cut.write_text("\n".join(through_round_zero(cut.read_text().splitlines())[0]) + "\n")
     (out / "runs" / problems[2] / "run.jsonl").write_text("not json\n")
     made = cli("report", str(out), "-o", str(tmp_path / "page.html"))
     assert made.returncode == 0, made.stderr

@@ -41,6 +41,15 @@ def wait_until(condition: Callable[[], object], proc: subprocess.Popen[bytes], l
         time.sleep(0.02)
 
 
+def through_round_zero(lines: list[str]) -> tuple[list[str], list[str]]:
+    """A finished run's log split into what a crash right after round 0 ended leaves (its config, round 0's
+    rollouts and round 0's end) and the rest, in log order. A round-1 rollout whose parents were done may be
+    logged before round 0 ends (dataflow); it goes to the rest, so exactly round 0 is kept."""
+    end = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "round_end")
+    kept = [line for line in lines[: end + 1] if json.loads(line).get("round") in (None, 0)]
+    return kept, [line for line in lines if line not in kept]
+
+
 def final_population(run_dir: Path, rounds: int) -> dict[int, tuple[str, str | None]]:
     return {
         r["slot"]: (r["content"], r["answer"]) for r in records(run_dir, "rollout") if r["round"] == rounds - 1
@@ -109,12 +118,12 @@ def test_truncated_last_line_is_skipped_with_a_warning(fake_backend: Any, tmp_pa
     log = tmp_path / "run.jsonl"
     lines = log.read_text().splitlines()
     # Keep round 0 and half of the next rollout record, as a crash mid-write would leave it.
-    cut = next(i for i, line in enumerate(lines) if '"round_end"' in line)
-    log.write_text("\n".join(lines[: cut + 1]) + "\n" + lines[cut + 1][: len(lines[cut + 1]) // 2])
+    kept, rest = through_round_zero(lines)
+    log.write_text("\n".join(kept) + "\n" + rest[0][: len(rest[0]) // 2])
     server.reset_stats()
     resumed = cli("solve", "--resume", str(tmp_path), "--backend", server.base_url, "--json", "-q")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"line {cut + 2}" in resumed.stderr and "warning" in resumed.stderr
+    assert f"line {len(kept) + 1}" in resumed.stderr and "warning" in resumed.stderr
     assert len(server.stats.requests_log) == 8  # rounds 1 and 2 again, round 0 kept
     assert json.loads(resumed.stdout)["answer"] == json.loads(first.stdout)["answer"]
 
