@@ -230,8 +230,13 @@ def serve_huge_completion(size: int) -> str:
     """A loopback upstream whose chat completions carry ``size`` bytes of text, in its own process:
     in a thread of this one, copying 50 MB into sockets would hold the interpreter lock that the
     /health measurements below need, and count its stalls against the proxy."""
+    return serve_in_child(_huge_upstream, size)
+
+
+def serve_in_child(target: Any, *args: Any) -> str:
+    """Run ``target(*args, ports)`` in a child process; it puts the loopback port it listens on."""
     ports: multiprocessing.Queue[int] = multiprocessing.Queue()
-    multiprocessing.Process(target=_huge_upstream, args=(size, ports), daemon=True).start()
+    multiprocessing.Process(target=target, args=(*args, ports), daemon=True).start()
     return f"http://127.0.0.1:{ports.get(timeout=60)}"
 
 
@@ -310,9 +315,7 @@ def _byte_relay(upstream: str, ports: Any) -> None:
 
 def start_byte_relay(upstream: str) -> str:
     """A bare TCP relay in front of ``upstream``, in its own process: the least any proxy adds."""
-    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
-    multiprocessing.Process(target=_byte_relay, args=(upstream, ports), daemon=True).start()
-    return f"http://127.0.0.1:{ports.get(timeout=60)}"
+    return serve_in_child(_byte_relay, upstream)
 
 
 # -- RSA burst --------------------------------------------------------------------------------------
