@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from markov_rsa import (
-    PRESETS,
+    PRESET_TABLE,
     Backend,
     BackendError,
     BackendSettings,
@@ -65,7 +65,9 @@ PRESET_OPTION = _keyword(
     typer.Option(
         None,
         "--preset",
-        help=f"Start from a preset: {' | '.join(PRESETS)}. [env: {PRESET_ENV}]",
+        help="Start from a preset: "
+        + "; ".join(f"{name} ({preset.source})" for name, preset in PRESET_TABLE.items())
+        + f". [env: {PRESET_ENV}]",
         rich_help_panel=RSA_PANEL,
         show_default=False,
     ),

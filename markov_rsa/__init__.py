@@ -21,7 +21,7 @@ from ._events import (
     RunStarted,
 )
 from ._http import OpenAIBackend
-from ._params import PARAM_NAMES, PRESETS, RSAParams, Schedule, Selection, Task, params_from_env, resolve_params
+from ._params import PARAM_NAMES, PRESET_TABLE, PRESETS, Compaction, Preset, RSAParams, Schedule, Selection, Task, params_from_env, resolve_params
 from ._prompts import aggregation_messages, load_template
 from ._result import RolloutRecord, RoundSummary, RSAResult
 from ._runlog import LoggedRun, RunLog, read_run_log
@@ -37,6 +37,9 @@ from ._version import __version__
 __all__ = [
     "PARAM_NAMES",
     "PRESETS",
+    "PRESET_TABLE",
+    "Preset",
+    "Compaction",
     "TRUNCATION_MARKER",
     "Backend",
     "BackendError",

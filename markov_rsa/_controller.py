@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 import secrets
@@ -29,10 +30,10 @@ from ._events import (
 )
 from ._context import prompt_bound, prompt_tokens, shorten_tail, tails_budget
 from ._dispatch import Dispatcher
-from ._params import RSAParams, Schedule, Selection, Verifier
-from ._prompts import aggregation_messages, aggregation_prompt, problem_text
+from ._params import Compaction, RSAParams, Schedule, Selection, Verifier
+from ._prompts import aggregation_prompt, problem_text, summary_messages
 from ._result import RolloutRecord, RoundSummary, RSAResult
-from ._tails import make_tail
+from ._tails import answer_section, make_tail
 from ._tokenizers import Tokenizer, tiktoken_tokenizer
 from ._types import GenerationRequest, Message, Trace, Usage
 from ._verifier import CandidateVerifier, effective_verifier
@@ -63,10 +64,14 @@ def draw_subsets(seed: int, round_index: int, survivors: Iterable[int], n: int, 
     """For each of the ``n`` slots of ``round_index``, ``k`` distinct slots drawn from ``survivors``.
 
     The RNG is derived from (seed, round) alone, so a resumed run redraws exactly the same subsets.
+    ``k == 1`` is the report's Markovian baseline: slot ``i`` continues from its own trace (the
+    ``i``-th survivor, cyclically when there are fewer survivors than slots).
     """
+    pool = list(survivors)
+    if k == 1 and pool:
+        return [[pool[slot % len(pool)]] for slot in range(n)]
     rng = random.Random(f"markov-rsa:{seed}:{round_index}")
     # random.sample order is kept: it is the candidates' order in the prompt, so no slot is always first.
-    pool = list(survivors)
     size = min(k, len(pool))
     return [rng.sample(pool, size) for _ in range(n)]
 
@@ -108,13 +113,21 @@ class MarkovRSA:
         prompt_dir: str | Path | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         request_extra: dict[str, Any] | None = None,
+        summary_instructions: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigError("max_concurrency must be at least 1", param="max_concurrency")
         self.backend = backend
         self.params = params or RSAParams()
         self.tokenizer = tokenizer
         self.prompt_dir = prompt_dir
         self.chat_template_kwargs = chat_template_kwargs
         self.request_extra = dict(request_extra or {})
+        self.summary_instructions = summary_instructions
+        """Replaces the instructions of ``prompts/summary_instructions.txt`` (``compaction: summary``)."""
+        self.max_concurrency = max_concurrency
+        """Calls of one run in flight at once (None: as many as the backend takes)."""
 
     async def solve(
         self,
@@ -190,6 +203,9 @@ class _Run:
         self.stopped_early: dict[str, Any] | None = None
         self.context_length: int | None = None
         self.fits: dict[str, list[int]] = {"max_tokens": [], "tails": []}
+        self.limit = asyncio.Semaphore(owner.max_concurrency) if owner.max_concurrency else None
+        self.dispatcher: Dispatcher | None = None
+        self.final_prompt: list[Message] | None = None
         checks = effective_verifier(self.params.verifier, self.params.task)
         self.verifier = CandidateVerifier(checks) if checks != Verifier.off else None
 
@@ -202,18 +218,36 @@ class _Run:
         if inspect.isawaitable(outcome):
             await outcome
 
-    def request(self, messages: list[Message], seed: int, max_tokens: int | None = None) -> GenerationRequest:
-        p = self.params
+    def request(self, messages: list[Message], seed: int, final: bool = False) -> GenerationRequest:
+        """A call's request; ``final`` calls take the final stage's budget and sampling."""
         return GenerationRequest(
             messages=messages,
-            max_tokens=max_tokens or p.max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
+            **self.params.sampling(final),
             seed=seed,
             chat_template_kwargs=self.owner.chat_template_kwargs,
             extra=self.owner.request_extra,
         )
+
+    def is_final(self, round_index: int) -> bool:
+        """Whether the rollouts of ``round_index`` are the final stage."""
+        return round_index == self.params.t - 1 and self.params.last_round_is_final
+
+    async def call(self, request: GenerationRequest) -> Trace | BackendError:
+        """One call through the run's dispatcher (or straight to the backend once the rounds are
+        over), under the run's concurrency limit."""
+        async with self.limit or contextlib.nullcontext():
+            if self.dispatcher is not None:
+                return await self.dispatcher.submit(request)
+            async for _, outcome in self.owner.backend.generate([request]):
+                return outcome
+        return BackendError("the backend returned no result")
+
+    def account_failure(self, err: BackendError) -> None:
+        """Count a call that failed for good."""
+        self.failed += 1
+        self.retries += err.attempts - 1
+        self.calls += 1
+        self.progress.calls = self.calls
 
     def account(self, trace: Trace) -> None:
         self.usage.add(trace.usage)
@@ -225,22 +259,69 @@ class _Run:
         self.progress.calls = self.calls
 
     async def attach_tail(self, record: RolloutRecord) -> None:
+        """What the record carries to the next round, by ``compaction``; never raises."""
         assert record.trace is not None and self.tokenizer is not None
         if record.tail is not None:
             return
+        carried, kind = record.trace, "tail"
+        compaction = self.params.compaction
+        if compaction == Compaction.hybrid:
+            answer = answer_section(record.trace)
+            if answer is not None:
+                carried, kind = Trace(content=answer, finish_reason=record.trace.finish_reason), "answer"
+        elif compaction == Compaction.summary:
+            summary = await self.summarise_trace(record)
+            if summary is not None:
+                carried, kind = Trace(content=summary), "summary"
         try:
-            tail = await make_tail(record.trace, self.params.tail_tokens, self.tokenizer, self.params.align_newline)
+            tail = await make_tail(carried, self.params.tail_tokens, self.tokenizer, self.params.align_newline)
         except BackendError as err:
             # The server's tokenizer failed even after retries: cut this tail approximately rather
             # than lose the run.
             self.notes.append(f"tail of round {record.round} slot {record.slot} cut with tiktoken: {_short_reason(err)}")
-            tail = await make_tail(record.trace, self.params.tail_tokens, tiktoken_tokenizer(), self.params.align_newline)
-        record.tail, record.tail_tokens = tail.text, tail.tokens
+            tail = await make_tail(carried, self.params.tail_tokens, tiktoken_tokenizer(), self.params.align_newline)
+        record.tail, record.tail_tokens, record.tail_kind = tail.text, tail.tokens, kind
+
+    async def summarise_trace(self, record: RolloutRecord) -> str | None:
+        """The summary call of one trace (``compaction: summary``): its answer text, or None when
+        it failed for good (the trace's tail is carried instead, and a note says so). A summary
+        logged by an earlier run of the same log is reused."""
+        assert record.trace is not None
+        if record.summary is not None and isinstance(record.summary.get("text"), str):
+            summary_usage = Usage.from_dict(record.summary.get("usage"))
+            self.account(Trace(content="", usage=summary_usage, attempts=int(record.summary.get("attempts") or 1)))
+            return str(record.summary["text"])
+        messages = summary_messages(
+            self.messages, record.trace.text, self.owner.summary_instructions, prompt_dir=self.owner.prompt_dir
+        )
+        # A seed of its own: summary seeds live on negative rounds, never those of a rollout.
+        request, _, _ = await self.fit(None, lambda _: self.request(messages, call_seed(self.seed, -1 - record.round, record.slot)))
+        self.progress.in_flight += 1
+        try:
+            outcome = await self.call(request)
+        finally:
+            self.progress.in_flight -= 1
+        if isinstance(outcome, BackendError):
+            self.account_failure(outcome)
+            record.summary = {"error": str(outcome)}
+            self.notes.append(
+                f"summary of round {record.round} slot {record.slot} failed ({_short_reason(outcome)}); its tail was carried"
+            )
+            return None
+        self.account(outcome)
+        text = outcome.content or outcome.text
+        record.summary = {
+            "text": text,
+            "usage": outcome.usage.to_dict(),
+            "attempts": outcome.attempts,
+            "latency_s": round(outcome.latency_s, 4),
+        }
+        return text
 
     async def execute(self) -> RSAResult:
         p = self.params
         self.context_length = p.max_model_len or await self.backend_context_length()
-        needs_tails = p.t > 1 or p.selection in (Selection.final_agg, Selection.auto)
+        needs_tails = p.t > 1 or p.final_aggregation_may_run
         if self.tokenizer is None and (needs_tails or self.context_length):
             self.tokenizer = await self.owner.backend.get_tokenizer()
         await self.emit(
@@ -267,7 +348,7 @@ class _Run:
         can start earlier), so a long run holds the tasks of a few rounds, not of all of them.
         """
         p = self.params
-        dispatcher = Dispatcher(self.owner.backend)
+        dispatcher = self.dispatcher = Dispatcher(self.owner.backend)
         loop = asyncio.get_running_loop()
         self.round_closed = [loop.create_future() for _ in range(p.t)]
         slots: dict[tuple[int, int], asyncio.Task[RolloutRecord]] = {}
@@ -303,6 +384,7 @@ class _Run:
             closed = True  # no round opens any more, not even from a cancelled task's callback
             for task in slots.values():
                 task.cancel()
+            self.dispatcher = None
             await dispatcher.aclose()
             await asyncio.gather(*slots.values(), return_exceptions=True)
             self.progress.in_flight = 0
@@ -376,14 +458,21 @@ class _Run:
                 await self.round_closed[round_index - 1]
             parents = await self.choose_parents(round_index, slot, slots)
             record = RolloutRecord(
-                round_index, slot, [r.slot for r in parents], seed, shown_tails=[r.tail or "" for r in parents]
+                round_index,
+                slot,
+                [r.slot for r in parents],
+                seed,
+                shown_tails=[r.tail or "" for r in parents],
+                shown_kinds=[r.tail_kind or "tail" for r in parents],
             )
-        need_tail = round_index + 1 < p.t or p.selection in (Selection.final_agg, Selection.auto)
+        # The last round's tails are cut only if a final aggregation asks for them.
+        need_tail = round_index + 1 < p.t
         await self.note_round_started(round_index)
         done = self.existing.get((round_index, slot))
         # A logged rollout is reused only if it aggregated the same parents this run chooses now;
         # a failure is reused only from a round that had finished (it then shaped the next draw).
         if done is not None and done.parents == record.parents:
+            done.shown_kinds = record.shown_kinds
             if done.trace is not None:
                 self.account(done.trace)
                 await self.finish_trace(done, need_tail)
@@ -393,16 +482,13 @@ class _Run:
             return done
         self.progress.in_flight += 1
         try:
-            outcome = await dispatcher.submit(await self.fitted_request(record))
+            outcome = await self.call(await self.fitted_request(record))
         finally:
             self.progress.in_flight -= 1
         if isinstance(outcome, BackendError):
             record.error = str(outcome)
             record.failure = outcome
-            self.failed += 1
-            self.retries += outcome.attempts - 1
-            self.calls += 1
-            self.progress.calls = self.calls
+            self.account_failure(outcome)
         else:
             record.trace = outcome
             # Off the loop when long: scanning a long trace would stall other requests.
@@ -519,13 +605,25 @@ class _Run:
 
     def request_for(self, record: RolloutRecord) -> GenerationRequest:
         assert record.seed is not None
+        final = self.is_final(record.round)
         if record.shown_tails is None:
-            return self.request(self.messages, record.seed)
+            return self.request(self.messages, record.seed, final)
         messages, quoted = aggregation_prompt(
-            self.messages, record.shown_tails, self.params.task, prompt_dir=self.owner.prompt_dir
+            self.messages,
+            record.shown_tails,
+            self.params.task,
+            prompt_dir=self.owner.prompt_dir,
+            kinds=self.candidate_kinds(record.shown_kinds),
         )
         record.quoted_lines = [line.to_dict() for line in quoted] or None
-        return self.request(messages, record.seed)
+        if final and record.slot == 0:
+            self.final_prompt = messages
+        return self.request(messages, record.seed, final)
+
+    def candidate_kinds(self, kinds: Sequence[str] | None) -> list[str] | None:
+        """The kinds the prompt labels its candidates with: none under plain tails (every
+        candidate is a tail, as the template says), each candidate's kind otherwise."""
+        return None if self.params.compaction == Compaction.tail else list(kinds or [])
 
     def check_survivors(self, round_index: int, records: list[RolloutRecord]) -> None:
         failures = [(r.slot, r.failure or BackendError(r.error or "failed")) for r in records if not r.ok]
@@ -611,11 +709,16 @@ class _Run:
         chosen: RolloutRecord | None = None
         answer: str | None = None
         final_trace: Trace | None = None
+        final_traces: list[Trace] = []
+        final_answers: list[str | None] = []
         if method == Selection.final_agg:
             try:
-                final_trace = await self.final_aggregation(alive)
-                final_text = final_trace.content or final_trace.text
-                answer = await offload(extract_answer, final_text, p.task.value, size=len(final_text))
+                final_traces = await self.final_aggregation(alive)
+                final_answers = [
+                    await offload(extract_answer, text, p.task.value, size=len(text))
+                    for text in (trace.content or trace.text for trace in final_traces)
+                ]
+                final_trace, answer = await self.pick_final(final_traces, final_answers)
             except BackendError as err:
                 self.notes.append(f"final aggregation failed ({_short_reason(err)}); fell back to majority")
                 method = Selection.majority
@@ -663,53 +766,81 @@ class _Run:
                 if method == Selection.majority and tally.tie_rule is not None
                 else None
             ),
+            final_stage=final_traces or [r.trace for r in population if r.trace is not None],
+            final_prompt=self.final_prompt,
+            final_answers=final_answers,
         )
         await self.emit(RunFinished(result))
         return result
 
-    async def final_aggregation(self, alive: list[RolloutRecord]) -> Trace:
+    async def pick_final(self, traces: list[Trace], answers: list[str | None]) -> tuple[Trace, str | None]:
+        """The answer of the final aggregation calls: the one call's, or the vote among several
+        (a finished trace of the winning answer; the first call when none has an answer)."""
+        if len(traces) == 1:
+            return traces[0], answers[0]
+        tally = await asyncio.to_thread(vote, answers, self.params.task.value, [t.finished for t in traces])
+        if tally.winner is None:
+            return traces[0], answers[0]
+        members = [traces[i] for i in tally.clusters[0]]
+        return next((t for t in members if t.finished), members[0]), tally.winner
+
+    async def final_aggregation(self, alive: list[RolloutRecord]) -> list[Trace]:
+        """The ``final_n`` final aggregation calls (each over K tails of the final population,
+        drawn as a round's subsets are): the traces of those that succeeded. Raises the first
+        failure when none did."""
         p = self.params
         round_index = p.t
-        parents = draw_subsets(self.seed, round_index, list(range(len(alive))), 1, p.k)[0]
+        subsets = draw_subsets(self.seed, round_index, list(range(len(alive))), p.final_n, p.k)
+        # The last round's tails are cut here, for the parents drawn only.
+        await asyncio.gather(*(self.attach_tail(alive[i]) for i in sorted({i for s in subsets for i in s})))
+        requests = []
+        for call_index, parents in enumerate(subsets):
+            kinds = self.candidate_kinds([alive[i].tail_kind or "tail" for i in parents])
 
-        def build(tails: list[str] | None) -> GenerationRequest:
-            messages = aggregation_messages(
-                self.messages, tails or [], p.task, final=True, prompt_dir=self.owner.prompt_dir
-            )
-            return self.request(messages, call_seed(self.seed, round_index, 0), p.final_max_tokens)
+            def build(tails: list[str] | None, call_index: int = call_index, kinds: list[str] | None = kinds) -> GenerationRequest:
+                messages = aggregation_prompt(
+                    self.messages, tails or [], p.task, final=True, prompt_dir=self.owner.prompt_dir, kinds=kinds
+                )[0]
+                return self.request(messages, call_seed(self.seed, round_index, call_index), final=True)
 
-        request, _, note = await self.fit([alive[i].tail or "" for i in parents], build)
-        if note:
-            self.notes.append(f"final aggregation {note}")
-        self.progress.in_flight = 1
+            request, _, note = await self.fit([alive[i].tail or "" for i in parents], build)
+            if note:
+                self.notes.append(f"final aggregation {call_index + 1} {note}" if p.final_n > 1 else f"final aggregation {note}")
+            requests.append(request)
+        self.final_prompt = requests[0].messages
+        self.progress.in_flight = len(requests)
         await self.emit(FinalAggregationStarted())
         stream = getattr(self.owner.backend, "stream_complete", None)
-        if stream is not None and getattr(self.on_event, "relay_final_deltas", False):
+        if len(requests) == 1 and stream is not None and getattr(self.on_event, "relay_final_deltas", False):
             from ._events import FinalDelta
 
             # The final call's output is the answer itself: a consumer that shows it (an SSE
             # client) gets its tokens as they are generated instead of after the whole call.
             try:
-                trace: Trace = await stream(request, lambda text, reasoning: self.emit(FinalDelta(text, reasoning)))
+                trace: Trace = await stream(requests[0], lambda text, reasoning: self.emit(FinalDelta(text, reasoning)))
             except BackendError as err:
                 self.progress.in_flight = 0
-                self.failed += 1
-                self.retries += err.attempts - 1
-                self.calls += 1
+                self.account_failure(err)
                 raise
             self.progress.in_flight = 0
             self.account(trace)
-            return trace
-        async for _, outcome in self.owner.backend.generate([request]):
-            self.progress.in_flight = 0
+            return [trace]
+        outcomes = await asyncio.gather(*(self.call(request) for request in requests))
+        self.progress.in_flight = 0
+        traces = []
+        failures = []
+        for outcome in outcomes:
             if isinstance(outcome, BackendError):
-                self.failed += 1
-                self.retries += outcome.attempts - 1
-                self.calls += 1
-                raise outcome
-            self.account(outcome)
-            return outcome
-        raise BackendError("the backend returned no result for the final aggregation")
+                self.account_failure(outcome)
+                failures.append(outcome)
+            else:
+                self.account(outcome)
+                traces.append(outcome)
+        if not traces:
+            raise failures[0]
+        if failures:
+            self.notes.append(f"{len(failures)} of {len(requests)} final aggregation calls failed: {_short_reason(failures[0])}")
+        return traces
 
 
 async def _vote(records: Sequence[RolloutRecord], task: str) -> VoteResult:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from ._errors import ConfigError
 
@@ -49,6 +50,19 @@ class Verifier(str, Enum):
     """``math`` for math problems, off otherwise (code execution is never switched on implicitly)."""
 
 
+class Compaction(str, Enum):
+    """What each trace carries to the next round."""
+
+    tail = "tail"
+    """Its last ``tail_tokens`` tokens (reasoning, then answer)."""
+    hybrid = "hybrid"
+    """The report's PaCoRe hybrid: a finished trace with an answer section after its reasoning
+    carries that answer section (bounded by ``tail_tokens``); any other trace carries its tail."""
+    summary = "summary"
+    """One extra call per trace summarises it (``prompts/summary.txt``); the summary, bounded by
+    ``tail_tokens``, is carried."""
+
+
 class RSAParams(BaseModel):
     """Every parameter of a Markovian RSA run.
 
@@ -60,17 +74,46 @@ class RSAParams(BaseModel):
 
     n: int = Field(16, ge=1, le=4096, description="Population size N: parallel traces per round.")
     k: int = Field(4, ge=1, le=64, description="Aggregation subset size K: tails shown to each aggregation call.")
-    t: int = Field(2, ge=1, le=256, description="Total rounds T, counting round 0 (t=1: independent sampling only).")
+    t: int = Field(
+        3,
+        ge=1,
+        le=256,
+        description="Stages, counting round 0 (t=1: independent sampling only), as Zyphra's rsa/ proxy counts; "
+        "= aggregation_rounds + 1.",
+    )
+    aggregation_rounds: int | None = Field(
+        None,
+        ge=0,
+        le=255,
+        description="The ZAYA1 report's T: aggregation rounds after round 0 (T=0: N independent samples); "
+        "another way to set t (= T + 1).",
+    )
     tail_tokens: int = Field(
         4096, ge=0, description="Tail length tau in the model's tokens carried to the next round; 0 keeps full traces."
     )
-    max_tokens: int = Field(40000, ge=1, description="Completion budget (beta) of each rollout.")
+    max_tokens: int = Field(40000, ge=1, description="Completion budget (beta) of each rollout before the final stage.")
     final_max_tokens: int | None = Field(
-        None, ge=1, description="Completion budget of the final aggregation call; defaults to max_tokens."
+        None,
+        ge=1,
+        description="Budget of the final stage (the last round's rollouts, or the final aggregation calls "
+        "under selection final_agg, and any final aggregation); defaults to max_tokens.",
     )
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     top_k: int | None = Field(None, ge=1, description="Top-k sampling; unset leaves the backend's default.")
+    final_temperature: float | None = Field(
+        None, ge=0.0, le=5.0, description="Temperature of the final stage; defaults to temperature."
+    )
+    final_top_p: float | None = Field(None, gt=0.0, le=1.0, description="top_p of the final stage; defaults to top_p.")
+    final_top_k: int | None = Field(None, ge=1, description="top_k of the final stage; defaults to top_k.")
+    final_n: int = Field(
+        1, ge=1, le=4096, description="Final aggregation calls when one runs; their answers are voted on."
+    )
+    compaction: Compaction = Field(
+        Compaction.tail,
+        description="What a trace carries forward: tail (its last tail_tokens tokens) | hybrid (the report's "
+        "PaCoRe hybrid: a finished trace's answer section, else its tail) | summary (one extra call per trace).",
+    )
     seed: int | None = Field(
         None, ge=0, description="Seed for subset draws and per-call sampling seeds; unset picks one and reports it."
     )
@@ -108,52 +151,169 @@ class RSAParams(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_k_le_n(self) -> RSAParams:
+    def _check(self) -> RSAParams:
         if self.k > self.n:
             raise ValueError(f"k ({self.k}) must not exceed n ({self.n}): each aggregation draws k distinct traces")
+        if self.aggregation_rounds is not None and "aggregation_rounds" in self.model_fields_set:
+            if "t" in self.model_fields_set and self.t != self.aggregation_rounds + 1:
+                raise ValueError(
+                    f"t ({self.t}) and aggregation_rounds ({self.aggregation_rounds}) disagree: t counts stages "
+                    "with round 0, so t = aggregation_rounds + 1; give one of them"
+                )
+            object.__setattr__(self, "t", self.aggregation_rounds + 1)
+        object.__setattr__(self, "aggregation_rounds", self.t - 1)
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        # Always t - 1, even on a copy made with model_copy(update={"t": ...}).
+        data["aggregation_rounds"] = self.t - 1
+        return data
+
+    # -- the final stage -------------------------------------------------------------------------
+
+    @property
+    def last_round_is_final(self) -> bool:
+        """Whether the last round's rollouts are the final stage: they are, unless ``final_agg``
+        makes the final aggregation calls the run's answer (the last round then only feeds them)."""
+        return self.selection != Selection.final_agg
+
+    @property
+    def final_aggregation_may_run(self) -> bool:
+        """Whether the selection may make final aggregation calls."""
+        return self.selection in (Selection.final_agg, Selection.auto)
+
+    def sampling(self, final: bool) -> dict[str, Any]:
+        """``max_tokens``, ``temperature``, ``top_p``, ``top_k`` of a call of the final stage or of an earlier one."""
+        if not final:
+            return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {
+            "max_tokens": self.final_max_tokens or self.max_tokens,
+            "temperature": self.temperature if self.final_temperature is None else self.final_temperature,
+            "top_p": self.top_p if self.final_top_p is None else self.final_top_p,
+            "top_k": self.top_k if self.final_top_k is None else self.final_top_k,
+        }
+
+    # -- the cost model --------------------------------------------------------------------------
 
     @property
     def calls(self) -> int:
-        """Backend calls of a run without failures: N*T, +1 when a final aggregation may run."""
-        return self.n * self.t + (1 if self.selection in (Selection.final_agg, Selection.auto) else 0)
+        """Backend calls of a run without failures, at most: N*t rollouts, + final_n final
+        aggregation calls when the selection may make them, + N*(t-1) summary calls (and one per
+        final aggregation parent) with ``compaction: summary``."""
+        final = self.final_n if self.final_aggregation_may_run else 0
+        summaries = 0
+        if self.compaction == Compaction.summary:
+            summaries = self.n * (self.t - 1) + (min(self.n, final * self.k) if final else 0)
+        return self.n * self.t + final + summaries
 
     def cost(self, problem_tokens: int = 0, template_tokens: int = 300, marker_tokens: int = 16) -> dict[str, int]:
-        """Upper bounds of the cost model: calls, prompt tokens per aggregation call, generated tokens."""
+        """Upper bounds of the cost model: calls, prompt tokens per aggregation call, generated tokens.
+
+        Generated tokens: N*(t-1)*beta + N*final_max_tokens for the rounds (N*t*beta when
+        ``final_agg`` makes the final aggregation the final stage), + final_n*final_max_tokens for
+        final aggregation calls, + beta per summary call.
+        """
         per_agg = problem_tokens + self.k * ((self.tail_tokens or self.max_tokens) + marker_tokens) + template_tokens
+        beta = self.max_tokens
+        final_budget = self.final_max_tokens or beta
+        if self.last_round_is_final:
+            rounds = self.n * (self.t - 1) * beta + self.n * final_budget
+        else:
+            rounds = self.n * self.t * beta
+        final_calls = self.final_n if self.final_aggregation_may_run else 0
+        summaries = self.calls - self.n * self.t - final_calls
         return {
-            "calls": self.n * self.t + (1 if self.selection == Selection.final_agg else 0),
+            "calls": self.calls,
+            "rollout_calls": self.n * self.t,
+            "final_aggregation_calls": final_calls,
+            "summary_calls": summaries,
             "prompt_tokens_per_aggregation": per_agg,
-            "max_generated_tokens": self.n * self.t * self.max_tokens
-            + (self.final_max_tokens or self.max_tokens if self.selection == Selection.final_agg else 0),
+            "round_tokens": rounds,
+            "max_generated_tokens": rounds + final_calls * final_budget + summaries * beta,
         }
 
 
-PRESETS: Mapping[str, Mapping[str, Any]] = {
-    "zaya1": {"n": 16, "k": 4, "t": 2, "tail_tokens": 4096, "max_tokens": 40000, "temperature": 1.0, "top_p": 0.95},
-    "extra-high": {
-        "n": 32,
-        "k": 4,
-        "t": 9,
-        "tail_tokens": 4096,
-        "max_tokens": 32768,
-        "final_max_tokens": 61440,
-        "temperature": 0.6,
-        "selection": "final_agg",
-    },
-    "rsa-paper": {"n": 16, "k": 4, "t": 10, "tail_tokens": 0, "max_tokens": 8192},
-    "smoke": {"n": 4, "k": 2, "t": 2, "tail_tokens": 256, "max_tokens": 1024},
-    "local": {
-        "n": 4,
-        "k": 2,
-        "t": 2,
-        "tail_tokens": 96,
-        "max_tokens": 128,
-        "final_max_tokens": 128,
-        "temperature": 0.7,
-        "top_p": 0.9,
-    },
+@dataclass(frozen=True)
+class Preset:
+    """A named set of parameters and where it comes from."""
+
+    values: Mapping[str, Any]
+    source: str
+    """The report row (or other reference) the values follow, and what was chosen where it is silent."""
+
+
+_REPORT_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
+_REPORT = {"k": 4, "t": 3, "tail_tokens": 4096, "final_max_tokens": 40000, **_REPORT_SAMPLING}
+
+PRESET_TABLE: Mapping[str, Preset] = {
+    "zaya1": Preset(
+        {"n": 16, **_REPORT, "max_tokens": 40000},
+        "ZAYA1 report Table XII headline (beta, tau, T, N, C) = (40K, 4K, 2, 16, 4), final budget 40K",
+    ),
+    "zaya1-16k": Preset(
+        {"n": 16, **_REPORT, "max_tokens": 16384},
+        "ZAYA1 report Table XII, beta 16K: the report's recommended deployment",
+    ),
+    "zaya1-8k": Preset({"n": 16, **_REPORT, "max_tokens": 8192}, "ZAYA1 report Table XII, beta 8K"),
+    "zaya1-light": Preset(
+        {"n": 8, **_REPORT, "max_tokens": 8192}, "ZAYA1 report section VI-C(j), the lightweight setting (N=8, beta 8K)"
+    ),
+    "markovian-baseline": Preset(
+        {"n": 16, **_REPORT, "k": 1, "t": 5, "max_tokens": 8192},
+        "ZAYA1 report Table XII, C=1 Markovian baseline: each trace continues from its own tail, T=4",
+    ),
+    "apex-high": Preset(
+        {"n": 16, **_REPORT, "t": 9, "max_tokens": 16384},
+        "ZAYA1 report Table XIII 'high' (N=16, C=4, T=8, beta 16K); the report gives no final budget "
+        "or sampling here: Table XII's 40K, temperature 1.0, top-p 1.0 chosen",
+    ),
+    "extra-high": Preset(
+        {"n": 32, **_REPORT, "t": 9, "max_tokens": 32768},
+        "ZAYA1 report Table XIII 'extra-high' (N=32, C=4, T=8, beta 32K); the report gives no final "
+        "budget or sampling here: Table XII's 40K, temperature 1.0, top-p 1.0 chosen",
+    ),
+    "rsa-paper": Preset(
+        {"n": 16, "k": 4, "t": 10, "tail_tokens": 0, "max_tokens": 8192},
+        "RSA paper (arXiv 2509.26626): N=16, K=4, 10 stages, full traces",
+    ),
+    "smoke": Preset({"n": 4, "k": 2, "t": 2, "tail_tokens": 256, "max_tokens": 1024}, "a quick check of a pipeline"),
+    "local": Preset(
+        {
+            "n": 4,
+            "k": 2,
+            "t": 2,
+            "tail_tokens": 96,
+            "max_tokens": 128,
+            "final_max_tokens": 128,
+            "temperature": 0.7,
+            "top_p": 0.9,
+        },
+        "small budgets for the embedded CPU model",
+    ),
 }
+"""Every preset with its source; :data:`PRESETS` holds the values alone."""
+
+PRESETS: Mapping[str, Mapping[str, Any]] = {name: preset.values for name, preset in PRESET_TABLE.items()}
+
+LINKED_FIELDS: tuple[tuple[str, str], ...] = (("t", "aggregation_rounds"),)
+"""Pairs of fields that set one value: a layer that gives one of them replaces both below it."""
+
+
+def apply_layer(merged: dict[str, Any], layer: Mapping[str, Any]) -> list[str]:
+    """Put ``layer``'s given (non-None) values over ``merged``, in place; a field of a linked
+    pair replaces its partner from lower layers. Returns the fields removed that way."""
+    given = {key: value for key, value in layer.items() if value is not None}
+    removed = []
+    for first, second in LINKED_FIELDS:
+        for mine, partner in ((first, second), (second, first)):
+            if mine in given and partner not in given and partner in merged:
+                del merged[partner]
+                removed.append(partner)
+    merged.update(given)
+    return removed
+
 
 PARAM_NAMES: tuple[str, ...] = tuple(RSAParams.model_fields)
 
@@ -189,14 +349,14 @@ def resolve_params(
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}", param="preset")
-        merged.update(PRESETS[preset])
+        apply_layer(merged, PRESETS[preset])
     if overrides:
         unknown = [key for key in overrides if key not in RSAParams.model_fields]
         if unknown:
             raise ConfigError(
                 f"unknown parameter {unknown[0]!r}; known: {', '.join(PARAM_NAMES)}", param=str(unknown[0])
             )
-        merged.update({key: value for key, value in overrides.items() if value is not None})
+        apply_layer(merged, overrides)
     try:
         return RSAParams.model_validate(merged)
     except ValidationError as err:

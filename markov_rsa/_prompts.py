@@ -24,6 +24,12 @@ from ._types import Message
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 FINAL_TEMPLATE = "final"
+SUMMARY_TEMPLATE = "summary"
+SUMMARY_INSTRUCTIONS = "summary_instructions"
+TEMPLATE_NAMES = ("math", "code", "general", FINAL_TEMPLATE, "candidate", SUMMARY_TEMPLATE, SUMMARY_INSTRUCTIONS)
+"""Every packaged template."""
+CANDIDATE_KINDS = {"tail": "reasoning tail", "answer": "final answer", "summary": "summary"}
+"""How a candidate's header names what it shows, by the kind of text its trace carried."""
 QUOTE_PREFIX = "> "
 """Put before a candidate's line that would read as a line of the prompt's own structure."""
 
@@ -50,7 +56,7 @@ def _read_packaged(name: str) -> str:
 
 
 def load_template(name: str, prompt_dir: str | Path | None = None) -> str:
-    """The template ``name`` (``math``, ``code``, ``general``, ``final``, ``candidate``).
+    """The template ``name`` (one of :data:`TEMPLATE_NAMES`).
 
     ``prompt_dir`` overrides the packaged templates with files ``NAME.txt`` from a directory.
     """
@@ -124,16 +130,25 @@ def neutralise(text: str, structure: Sequence[re.Pattern[str]], candidate: int) 
 
 
 def render_candidates(
-    tails: Sequence[str], prompt_dir: str | Path | None = None, structure: Sequence[re.Pattern[str]] = ()
+    tails: Sequence[str],
+    prompt_dir: str | Path | None = None,
+    structure: Sequence[re.Pattern[str]] = (),
+    kinds: Sequence[str] | None = None,
 ) -> tuple[str, list[Neutralised]]:
-    """The candidate blocks, labelled 1..K, with lines matching ``structure`` quoted."""
+    """The candidate blocks, labelled 1..K, with lines matching ``structure`` quoted.
+
+    ``kinds`` (``tail``, ``answer``, ``summary`` per candidate) adds what each candidate shows to
+    its header (``=== Candidate 2 (final answer) ===``); without it headers carry no label.
+    """
     block = load_template("candidate", prompt_dir)
     blocks = []
     quoted: list[Neutralised] = []
     for i, tail in enumerate(tails, 1):
         safe, found = neutralise(tail.rstrip(), structure, i)
         quoted.extend(found)
-        blocks.append(fill(block, {"index": str(i), "tail": safe}))
+        kind = kinds[i - 1] if kinds is not None and i <= len(kinds) else None
+        label = f" ({CANDIDATE_KINDS.get(kind, kind)})" if kind else ""
+        blocks.append(fill(block, {"index": str(i), "kind": label, "tail": safe}))
     return "\n".join(blocks), quoted
 
 
@@ -167,22 +182,45 @@ def aggregation_prompt(
     *,
     final: bool = False,
     prompt_dir: str | Path | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> tuple[list[Message], list[Neutralised]]:
     """The conversation of one aggregation call, and the candidate lines that had to be quoted.
 
     Earlier turns (system prompt, history) are kept as they are; the last user message becomes the
     aggregation prompt: instructions, the problem, then the candidates, so the shared prefix is as
-    long as possible for backends with prefix caching.
+    long as possible for backends with prefix caching. ``kinds`` labels each candidate with what
+    it shows (see :func:`render_candidates`).
     """
+    template = load_template(FINAL_TEMPLATE if final else task.value, prompt_dir)
+    structure = _structure(template, load_template("candidate", prompt_dir))
+    candidates, quoted = render_candidates(tails, prompt_dir, structure, kinds)
+    prompt = fill(template, {"problem": problem_text(messages).strip(), "candidates": candidates})
+    return _replace_last_user(messages, prompt), quoted
+
+
+def _replace_last_user(messages: Sequence[Message], prompt: str) -> list[Message]:
+    """The conversation with its earlier turns as they are and ``prompt`` as its last user turn."""
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
         raise ConfigError("the conversation has no user message to solve", param="messages")
-    template = load_template(FINAL_TEMPLATE if final else task.value, prompt_dir)
-    structure = _structure(template, load_template("candidate", prompt_dir))
-    candidates, quoted = render_candidates(tails, prompt_dir, structure)
-    prompt = fill(template, {"problem": problem_text(messages).strip(), "candidates": candidates})
     head = [dict(m) for m in messages[:last_user]]
-    return [*head, {"role": "user", "content": prompt}], quoted
+    return [*head, {"role": "user", "content": prompt}]
+
+
+def summary_messages(
+    messages: Sequence[Message],
+    trace_text: str,
+    instructions: str | None = None,
+    prompt_dir: str | Path | None = None,
+) -> list[Message]:
+    """The conversation of one summary call (``compaction: summary``): the ``summary`` template
+    with ``instructions`` (default: the ``summary_instructions`` template), the problem and the
+    trace. The trace's lines that read as the template's own structure are quoted."""
+    template = load_template(SUMMARY_TEMPLATE, prompt_dir)
+    text = load_template(SUMMARY_INSTRUCTIONS, prompt_dir).strip() if instructions is None else instructions
+    safe, _ = neutralise(trace_text.strip(), _structure(template), 1)
+    prompt = fill(template, {"instructions": text, "problem": problem_text(messages).strip(), "response": safe})
+    return _replace_last_user(messages, prompt)
 
 
 def aggregation_messages(
@@ -192,6 +230,7 @@ def aggregation_messages(
     *,
     final: bool = False,
     prompt_dir: str | Path | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> list[Message]:
     """The conversation of one aggregation call (see :func:`aggregation_prompt`)."""
-    return aggregation_prompt(messages, tails, task, final=final, prompt_dir=prompt_dir)[0]
+    return aggregation_prompt(messages, tails, task, final=final, prompt_dir=prompt_dir, kinds=kinds)[0]

@@ -36,6 +36,14 @@ class RolloutRecord:
     quoted_lines: list[dict[str, Any]] | None = None
     """Lines of the shown tails quoted in the prompt because they read as its own structure
     (``candidate``, ``line``, original ``text``); None when there were none."""
+    tail_kind: str | None = None
+    """What ``tail`` is: ``tail`` (the trace's last tokens), ``answer`` (its answer section, under
+    ``compaction: hybrid``) or ``summary`` (a summary call's output, under ``compaction: summary``)."""
+    shown_kinds: list[str] | None = None
+    """The kind of each shown tail, in candidate order (None in round 0)."""
+    summary: dict[str, Any] | None = None
+    """The summary call of this trace under ``compaction: summary``: ``text``, ``usage``,
+    ``attempts``, ``latency_s``, or ``error`` when it failed (the tail was carried instead)."""
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,12 @@ class RolloutRecord:
             data["fitted"] = self.fitted
         if self.quoted_lines:
             data["quoted_lines"] = self.quoted_lines
+        if self.shown_kinds is not None:
+            data["shown_kinds"] = self.shown_kinds
+        if self.tail_kind is not None:
+            data["tail_kind"] = self.tail_kind
+        if self.summary is not None:
+            data["summary"] = self.summary
         if self.trace is not None:
             data.update(
                 finish_reason=self.trace.finish_reason,
@@ -155,6 +169,13 @@ class RSAResult:
     None when every round ran."""
     tie: dict[str, Any] | None = None
     """When the final vote's top count was shared: ``answers`` tied, ``votes`` each, ``winner``, ``rule``."""
+    final_stage: list[Trace] = field(default_factory=list)
+    """The outputs of the final stage: the final aggregation calls when they ran, else the last
+    round's successful rollouts (Zyphra's report-settings proxy returns them all as choices)."""
+    final_prompt: list[dict[str, Any]] | None = None
+    """The conversation of the final stage's first aggregation call (None when it had none)."""
+    final_answers: list[str | None] = field(default_factory=list)
+    """The answer extracted from each final aggregation call, in call order (empty when none ran)."""
 
     def to_dict(self, include_population: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (the CLI's ``--json`` output)."""
@@ -176,6 +197,7 @@ class RSAResult:
             "notes": self.notes,
             "stopped_early": self.stopped_early,
             "tie": self.tie,
+            "final_answers": self.final_answers,
         }
         if include_population:
             data["population"] = [r.to_dict() for r in self.population]

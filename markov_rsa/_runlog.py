@@ -211,7 +211,8 @@ def read_run_log(run_dir: str | Path) -> LoggedRun:
 def _record_from_log(data: dict[str, Any]) -> RolloutRecord:
     if data.get("error") is not None:
         return RolloutRecord(int(data["round"]), int(data["slot"]), data.get("parents"), data.get("seed"),
-                             error=str(data["error"]), shown_tails=data.get("shown_tails"))
+                             error=str(data["error"]), shown_tails=data.get("shown_tails"),
+                             shown_kinds=data.get("shown_kinds"))
     trace = Trace(
         content=data.get("content") or "",
         reasoning=data.get("reasoning") or "",
@@ -229,6 +230,8 @@ def _record_from_log(data: dict[str, Any]) -> RolloutRecord:
         trace=trace,
         answer=data.get("answer"),
         shown_tails=data.get("shown_tails"),
+        shown_kinds=data.get("shown_kinds"),
+        summary=data["summary"] if isinstance(data.get("summary"), dict) else None,
     )
 
 

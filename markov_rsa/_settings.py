@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ._errors import ConfigError
-from ._params import PRESETS, RSAParams, resolve_params
+from ._params import PRESETS, RSAParams, apply_layer, resolve_params
 from ._routing import split_name
 from .upstream import DEFAULT_MAX_RESPONSE_BYTES
 
@@ -336,16 +336,17 @@ class Layers:
         wanted = set(model.model_fields if names is None else names)
         values: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        layers: list[dict[str, tuple[Any, str]]] = []
         if self.file is not None:
-            for key, value in self.file.values.items():
-                if key in wanted:
-                    values[key], origin[key] = value, f"{self.file.path}: {key}"
-        for key, (value, var) in read_env(model, self.environ).items():
-            if key in wanted:
-                values[key], origin[key] = value, var
-        for key, value in flags.items():
-            if key in wanted and value is not None:
-                values[key], origin[key] = value, flag_name(key)
+            layers.append({key: (value, f"{self.file.path}: {key}") for key, value in self.file.values.items()})
+        layers.append({key: (value, var) for key, (value, var) in read_env(model, self.environ).items()})
+        layers.append({key: (value, flag_name(key)) for key, value in flags.items() if value is not None})
+        for layer in layers:
+            given = {key: found for key, found in layer.items() if key in wanted}
+            # One value of a linked pair (t, aggregation_rounds) replaces the other from below.
+            for key in apply_layer(values, {key: value for key, (value, _) in given.items()}):
+                origin.pop(key, None)
+            origin.update({key: where for key, (_, where) in given.items()})
         return values, origin
 
     def preset(self, flag: str | None) -> str | None:

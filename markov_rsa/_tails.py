@@ -34,6 +34,23 @@ class Tail:
     truncated: bool
 
 
+def answer_section(trace: Trace) -> str | None:
+    """The answer section of a trace that finished: what it wrote after its reasoning (the
+    backend's separate answer when it split reasoning off, else the text after an inline
+    ``</think>``). None for a trace cut at its budget, or one with no reasoning to set apart
+    (the report's PaCoRe hybrid then carries the trace's tail)."""
+    if not trace.finished:
+        return None
+    if trace.reasoning.strip():
+        answer = trace.content
+    elif "</think>" in trace.content:
+        answer = trace.content.rsplit("</think>", 1)[1]
+    else:
+        return None
+    answer = _strip_think(answer)
+    return answer or None
+
+
 def _strip_think(text: str) -> str:
     return _THINK_TAGS.sub("", text).strip()
 

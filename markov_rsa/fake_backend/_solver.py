@@ -33,7 +33,7 @@ def count_tokens(text: str) -> int:
 
 # -- recognising problems --------------------------------------------------------------------------
 
-_CANDIDATE_LINE = re.compile(r"^=== Candidate (\d+) ===[ \t]*$", re.MULTILINE)
+_CANDIDATE_LINE = re.compile(r"^=== Candidate (\d+)(?: \([^)\n]*\))? ===[ \t]*$", re.MULTILINE)
 _PROBLEM_LINE = re.compile(r"^(?:Problem|Task|Question):[ \t]*(.*)$", re.MULTILINE)
 _CANDIDATES_HEADER = re.compile(r"^Candidate [A-Za-z ]+:[ \t]*$", re.MULTILINE)
 _BOXED = "\\boxed{"
