@@ -116,16 +116,16 @@ def test_outcomes_and_client_statuses_come_from_the_kind() -> None:
 
 
 def test_named_upstreams() -> None:
-    pool = UpstreamPool(["gpu-a=http://10.0.0.1:8000/v1", "http://10.0.0.2:8000/v1/"])
+    pool = UpstreamPool(["gpu-a=http://127.0.0.1:9/v1", "http://127.0.0.1:1/v1/"])
     assert [(u.name, u.base_url, u.root) for u in pool.upstreams] == [
-        ("gpu-a", "http://10.0.0.1:8000/v1", "http://10.0.0.1:8000"),
-        ("upstream 2", "http://10.0.0.2:8000/v1", "http://10.0.0.2:8000"),
+        ("gpu-a", "http://127.0.0.1:9/v1", "http://127.0.0.1:9"),
+        ("upstream 2", "http://127.0.0.1:1/v1", "http://127.0.0.1:1"),
     ]
     # The same spelling works wherever backends are configured.
     from markov_rsa._settings import BackendSettings, make_backend
 
-    backend = make_backend(BackendSettings.model_validate({"backend": ["gpu-a=http://10.0.0.1:8000/v1"]}))
-    assert [(u.name, u.base_url) for u in backend.client.pool.upstreams] == [("gpu-a", "http://10.0.0.1:8000/v1")]
+    backend = make_backend(BackendSettings.model_validate({"backend": ["gpu-a=http://127.0.0.1:9/v1"]}))
+    assert [(u.name, u.base_url) for u in backend.client.pool.upstreams] == [("gpu-a", "http://127.0.0.1:9/v1")]
 
 
 async def test_routed_backend_moves_past_a_dead_upstream(fake_backend: Any) -> None:
